@@ -1,0 +1,341 @@
+"""Command line: ``bktbayes simulate | score | params | demo``.
+
+Bad input exits with status 2 and one clear message, no traceback; a bug
+still shows its traceback (it is not bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .params import BKTInputError, BKTParams, ParamTable
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+Bayesian Knowledge Tracing.
+
+Commands:
+  simulate   draw synthetic responses from BKT parameters
+  score      replay an event history through the tracer with a parameter file:
+             per-event predictions and the final mastery per (user, skill)
+  params     write or check a parameter JSON file
+  demo       the quick-start job on the bundled ASSISTments 2009 data
+
+Run 'bktbayes COMMAND --help' for the options of a command.
+"""
+
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "assistments2009.parquet"
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=None, leave=False)
+
+
+def _out_paths(out: Path, mastery_out: Path | None) -> tuple[Path, Path]:
+    if mastery_out is not None:
+        return out, mastery_out
+    name = out.name
+    for ext in (".csv.gz", ".parquet", ".pq", ".csv"):
+        if name.lower().endswith(ext):
+            stem = name[: -len(ext)]
+            return out, out.with_name(f"{stem}.mastery{ext}")
+    raise BKTInputError(f"--out {out}: use a .csv, .csv.gz or .parquet file name")
+
+
+def _load_params(path: str | None) -> ParamTable:
+    if path is None:
+        return ParamTable(model="seed-defaults")
+    return ParamTable.from_json(path)
+
+
+def _summary(mastery, unknown: list, label: str) -> str:
+    import numpy as np
+
+    p = mastery["p_mastery"]
+    status = mastery["status"]
+    lines = [
+        f"{label}: {len(p):,} (user, skill) rows, {int(mastery['attempts'].sum()):,} responses"
+    ]
+    for s in ("mastered", "in_progress", "needs_focus"):
+        k = int((status == s).sum())
+        lines.append(f"  {s:<12} {k:>9,}  ({k / max(len(p), 1):6.1%})")
+    lines.append(f"  mean P(mastery) {float(np.mean(p)):.3f}, median {float(np.median(p)):.3f}")
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5]))
+        lines.append(
+            f"  {len(unknown)} skill(s) not in the parameter file used the population "
+            f"default: {shown}{' ...' if len(unknown) > 5 else ''}"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .data import load_events, save_events
+    from .tracing import replay
+
+    out, mastery_out = _out_paths(Path(args.out), args.mastery_out and Path(args.mastery_out))
+    table = _load_params(args.params)
+    bar = _progress(3, "score")
+    events = load_events(
+        args.events,
+        format=args.format,
+        drop_missing_skill=args.drop_missing_skill,
+        duplicates="keep_first" if args.keep_first_duplicate else "error",
+    )
+    bar.update()
+    t0 = time.perf_counter()
+    res = replay(events, table)
+    dt = time.perf_counter() - t0
+    bar.update()
+    scored = events.copy()
+    scored["p_correct"] = res.p_correct
+    scored["p_mastery"] = res.p_mastery
+    save_events(scored, out)
+    save_events(res.mastery_frame(), mastery_out)
+    bar.update()
+    bar.close()
+    print(_summary(res.mastery, res.unknown_skills, f"scored {args.events}"))
+    print(f"  replay: {len(events):,} events in {dt:.3f} s; wrote {out} and {mastery_out}")
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .data import save_events
+    from .simulate import simulate
+
+    if args.params:
+        table = ParamTable.from_json(args.params)
+        df = simulate(
+            table,
+            args.users,
+            skills_per_user=args.skills_per_user,
+            mean_length=args.mean_length,
+            max_length=args.max_length,
+            student_sd_init=args.student_sd_init,
+            student_sd_transit=args.student_sd_transit,
+            seed=args.seed,
+        )
+    else:
+        try:
+            base = BKTParams(args.p_init, args.p_transit, args.p_guess, args.p_slip, args.p_forget)
+        except ValueError as e:
+            raise BKTInputError(str(e)) from None
+        df = simulate(
+            base,
+            args.users,
+            skills=args.skills,
+            skills_per_user=args.skills_per_user,
+            mean_length=args.mean_length,
+            max_length=args.max_length,
+            student_sd_init=args.student_sd_init,
+            student_sd_transit=args.student_sd_transit,
+            seed=args.seed,
+        )
+    save_events(df, args.out)
+    print(
+        f"simulated {len(df):,} responses of {df['user_id'].nunique():,} students on "
+        f"{df['skill'].nunique()} skills -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    if args.action == "default":
+        if not args.out:
+            raise BKTInputError("params default: --out PATH is required")
+        try:
+            d = BKTParams(args.p_init, args.p_transit, args.p_guess, args.p_slip, args.p_forget)
+        except ValueError as e:
+            raise BKTInputError(str(e)) from None
+        skills = {s: d for s in (args.skill or [])}
+        ParamTable(skills, d, model="seed-defaults").to_json(args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if not args.path:
+        raise BKTInputError("params check: give the PATH of a parameter file")
+    t = ParamTable.from_json(args.path)
+    print(
+        f"{args.path}: valid, schema {t.to_dict()['schema_version']}, model {t.model!r}, "
+        f"{len(t)} skills, version {t.version[:16]}"
+    )
+    print(f"  default for unseen skills: {t.default}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .data import load_events
+    from .simulate import simulate
+    from .tracing import BayesianKnowledgeTracer, mastery_status, replay
+
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    print("== 1. simulate: 500 students, 10 skills, seed defaults, seed 2026")
+    sim = simulate(BKTParams(), 500, skills=10, seed=2026)
+    res = replay(sim, BKTParams())
+    auc = _auc(sim["correct"].to_numpy(), res.p_correct)
+    print(f"   {len(sim):,} responses; tracer AUC on its own simulation {auc:.3f}")
+
+    print(f"== 2. score the bundled data ({args.events}) with the seed card's defaults")
+    events = load_events(args.events)
+    table = ParamTable(model="seed-defaults")
+    t0 = time.perf_counter()
+    res = replay(events, table)
+    dt = time.perf_counter() - t0
+    auc = _auc(events["correct"].to_numpy(), res.p_correct)
+    print(
+        f"   {len(events):,} responses, {events['user_id'].nunique():,} students, "
+        f"{events['skill'].nunique()} skills; replay {dt * 1e3:.0f} ms; "
+        f"one-step-ahead AUC {auc:.3f} (default parameters, no fit)"
+    )
+    print(_summary(res.mastery, [], "   mastery"))
+    mf = res.mastery_frame()
+    by_skill = mf.groupby("skill")["p_mastery"].agg(["mean", "size"]).sort_values("mean")
+    print("   skills with the lowest mean P(mastery):")
+    for skill, row in by_skill.head(3).iterrows():
+        print(f"     {skill:<45} {row['mean']:.3f}  ({int(row['size'])} students)")
+    mf.to_csv(outdir / "mastery.csv", index=False)
+    table.to_json(outdir / "params.json")
+
+    print("== 3. the seed's constant-time update for one student's next answers")
+    tr = BayesianKnowledgeTracer(table.default)
+    p = tr.params.p_init
+    for c in (1, 1, 0, 1, 1, 1):
+        p = tr.update(p, bool(c))
+        print(
+            f"   answer {'correct' if c else 'wrong  '} -> P(mastery) {p:.3f} "
+            f"({mastery_status(p)}), P(next correct) {tr.predict_next(p):.3f}"
+        )
+    print(f"wrote {outdir / 'mastery.csv'} and {outdir / 'params.json'}")
+    return 0
+
+
+def _auc(y, p) -> float:
+    """Rank AUC (Mann-Whitney), ties averaged."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    r = rankdata(p)
+    n1 = int(y.sum())
+    n0 = y.size - n1
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="bktbayes",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add_param_args(p: argparse.ArgumentParser) -> None:
+        d = BKTParams()
+        p.add_argument("--p-init", type=float, default=d.p_init, help="P(L0) (default 0.3)")
+        p.add_argument("--p-transit", type=float, default=d.p_transit, help="P(T) (default 0.09)")
+        p.add_argument("--p-guess", type=float, default=d.p_guess, help="P(G) (default 0.2)")
+        p.add_argument("--p-slip", type=float, default=d.p_slip, help="P(S) (default 0.1)")
+        p.add_argument("--p-forget", type=float, default=d.p_forget, help="P(F) (default 0)")
+
+    s = sub.add_parser(
+        "score",
+        help="replay events through the tracer",
+        description="Replay an event history with a parameter file. Writes "
+        "per-event predictions (P(correct) before, P(mastery) after) and the "
+        "final mastery per (user, skill), CSV or Parquet by extension.",
+    )
+    s.add_argument("events", help="events file (.csv or .parquet; layout recognised)")
+    s.add_argument("--params", help="parameter JSON (default: the seed card's defaults)")
+    s.add_argument("--out", required=True, help="per-event output (.csv, .csv.gz, .parquet)")
+    s.add_argument("--mastery-out", help="mastery table output (default: OUT.mastery.EXT)")
+    s.add_argument("--format", default="auto", help="input layout (default: auto)")
+    s.add_argument(
+        "--drop-missing-skill",
+        action="store_true",
+        help="exclude (and count) rows without a skill instead of failing",
+    )
+    s.add_argument(
+        "--keep-first-duplicate",
+        action="store_true",
+        help="keep the first of duplicated (user, skill, order) rows",
+    )
+    s.set_defaults(func=_cmd_score)
+
+    m = sub.add_parser(
+        "simulate",
+        help="draw synthetic responses",
+        description="Simulate responses from BKT parameters (a parameter file, "
+        "or one set of values for every skill).",
+    )
+    m.add_argument("--out", required=True, help="output events file (.csv or .parquet)")
+    m.add_argument("--params", help="parameter JSON with per-skill values")
+    m.add_argument("--users", type=int, default=200, help="number of students (default 200)")
+    m.add_argument("--skills", type=int, default=5, help="number of skills without --params")
+    m.add_argument("--skills-per-user", type=int, help="skills each student practises")
+    m.add_argument(
+        "--mean-length",
+        type=float,
+        default=20.0,
+        help="mean responses per (student, skill), geometric (default 20)",
+    )
+    m.add_argument("--max-length", type=int, help="truncate sequences at this length")
+    m.add_argument(
+        "--student-sd-init",
+        type=float,
+        default=0.0,
+        help="sd of per-student logit offsets on p_init",
+    )
+    m.add_argument(
+        "--student-sd-transit",
+        type=float,
+        default=0.0,
+        help="sd of per-student logit offsets on p_transit",
+    )
+    m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_param_args(m)
+    m.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("params", help="write or check a parameter file")
+    p.add_argument("action", choices=["default", "check"])
+    p.add_argument("path", nargs="?", help="file to check")
+    p.add_argument("--out", help="where 'default' writes")
+    p.add_argument("--skill", action="append", help="skill to list (repeatable)")
+    add_param_args(p)
+    p.set_defaults(func=_cmd_params)
+
+    d = sub.add_parser("demo", help="the quick-start job on the bundled data")
+    d.add_argument("--events", default=str(BUNDLED_DATA), help="events file")
+    d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    d.set_defaults(func=_cmd_demo)
+    return ap
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bktbayes`` command; returns the exit status."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "command", None):
+        ap.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (BKTInputError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"bktbayes {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""BKT parameters, the per-skill parameter table and its versioned JSON format.
+
+This module imports only the standard library so that the serving tracer
+(:mod:`bktbayes.tracing`) can use it without pulling in the research stack.
+
+JSON schema, version 1::
+
+    {
+      "schema_version": 1,
+      "model": "seed-defaults",                 # what produced the table
+      "created": "2026-11-25T19:40:00+00:00",   # ISO 8601
+      "default": {"p_init": 0.3, "p_transit": 0.09, "p_guess": 0.2,
+                  "p_slip": 0.1, "p_forget": 0.0},
+      "skills": {
+        "Absolute Value": {
+          "params": {...same five fields...},
+          # optional uncertainty, each a mapping field -> value:
+          "sd": {...}, "median": {...}, "lower": {...}, "upper": {...},
+          "interval_prob": 0.94, "n_obs": 1234, "n_sequences": 87
+        }
+      },
+      "metadata": {...free-form...}
+    }
+
+Everything except ``metadata`` is validated strictly: unknown schema version,
+missing or extra fields, non-finite or out-of-range values are rejected with an
+error naming the skill and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PARAM_NAMES",
+    "SCHEMA_VERSION",
+    "BKTInputError",
+    "BKTParams",
+    "ParamFileError",
+    "ParamTable",
+    "SkillStats",
+]
+
+#: The five parameters, in the order used by every array layout in the package.
+PARAM_NAMES: tuple[str, ...] = ("p_init", "p_transit", "p_guess", "p_slip", "p_forget")
+
+#: Version written by :meth:`ParamTable.to_json`; the loader reads every version up to it.
+SCHEMA_VERSION = 1
+
+
+class BKTInputError(ValueError):
+    """Input a user can fix: the message says what and where (CLI exit code 2)."""
+
+
+class ParamFileError(BKTInputError):
+    """A parameter file or mapping does not follow the schema."""
+
+
+def _check_prob(name: str, value: Any, *, allow_zero: bool = False, where: str = "") -> float:
+    prefix = f"{where}: " if where else ""
+    # numpy scalars are Real; bools and strings are rejected rather than coerced.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{prefix}{name} must be a real number, got {value!r} ({type(value).__name__})"
+        )
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{prefix}{name} must be finite, got {v!r}")
+    lo_ok = v >= 0.0 if allow_zero else v > 0.0
+    if not (lo_ok and v < 1.0):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"{prefix}{name} must lie in {interval}, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class BKTParams:
+    """Parameters of one skill's two-state BKT model.
+
+    Parameters
+    ----------
+    p_init : float
+        P(L0), probability of mastery before the first response, in (0, 1).
+    p_transit : float
+        P(T), probability of learning at each opportunity, in (0, 1).
+    p_guess : float
+        P(G), probability of a correct answer without mastery, in (0, 1).
+    p_slip : float
+        P(S), probability of an incorrect answer with mastery, in (0, 1).
+    p_forget : float
+        P(F), probability of losing mastery at each opportunity, in [0, 1).
+
+    Raises
+    ------
+    ValueError
+        If a value is out of range, if ``p_guess + p_slip >= 1`` (the mastered
+        state would not be the one that answers correctly more often) or if
+        ``p_transit + p_forget >= 1`` (the mastered state would not be the
+        persistent one). Together they guarantee that a correct answer never
+        leaves P(mastery) lower than an incorrect one would.
+    """
+
+    p_init: float = 0.3
+    p_transit: float = 0.09
+    p_guess: float = 0.2
+    p_slip: float = 0.1
+    p_forget: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in PARAM_NAMES:
+            v = _check_prob(name, getattr(self, name), allow_zero=(name == "p_forget"))
+            object.__setattr__(self, name, v)
+        if self.p_guess + self.p_slip >= 1.0:
+            raise ValueError(
+                f"p_guess + p_slip must be < 1 so that mastery raises P(correct); "
+                f"got p_guess={self.p_guess!r} + p_slip={self.p_slip!r} = "
+                f"{self.p_guess + self.p_slip!r}"
+            )
+        if self.p_transit + self.p_forget >= 1.0:
+            raise ValueError(
+                f"p_transit + p_forget must be < 1 so that a mastered student is more "
+                f"likely to be mastered next step than an unmastered one; got "
+                f"p_transit={self.p_transit!r} + p_forget={self.p_forget!r}"
+            )
+
+    def to_dict(self) -> dict[str, float]:
+        """The five values keyed by name (JSON-ready)."""
+        return {name: getattr(self, name) for name in PARAM_NAMES}
+
+    def as_tuple(self) -> tuple[float, float, float, float, float]:
+        """``(p_init, p_transit, p_guess, p_slip, p_forget)``."""
+        return (self.p_init, self.p_transit, self.p_guess, self.p_slip, self.p_forget)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "params") -> BKTParams:
+        """Build from a mapping with exactly the five fields; errors name ``where``."""
+        if not isinstance(d, Mapping):
+            raise ParamFileError(f"{where}: expected an object with fields {list(PARAM_NAMES)}")
+        missing = [k for k in PARAM_NAMES if k not in d]
+        extra = sorted(set(d) - set(PARAM_NAMES))
+        if missing:
+            raise ParamFileError(f"{where}: missing field(s) {missing}")
+        if extra:
+            raise ParamFileError(f"{where}: unknown field(s) {extra}")
+        values = {}
+        for k in PARAM_NAMES:
+            try:
+                values[k] = _check_prob(k, d[k], allow_zero=(k == "p_forget"))
+            except ValueError as e:
+                raise ParamFileError(f"{where}.{e}") from None
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ParamFileError(f"{where}: {e}") from None
+
+
+_STAT_MAPS = ("sd", "median", "lower", "upper")
+_STAT_FIELDS = frozenset({"params", *_STAT_MAPS, "interval_prob", "n_obs", "n_sequences"})
+
+
+@dataclass(frozen=True)
+class SkillStats:
+    """Optional uncertainty and data counts for one skill.
+
+    Each of ``sd``, ``median``, ``lower`` and ``upper`` maps a parameter name to
+    a value; ``lower``/``upper`` bound a central interval of probability
+    ``interval_prob``. ``n_obs`` is the number of responses and ``n_sequences``
+    the number of (student, skill) sequences behind the estimate.
+    """
+
+    sd: Mapping[str, float] = field(default_factory=dict)
+    median: Mapping[str, float] = field(default_factory=dict)
+    lower: Mapping[str, float] = field(default_factory=dict)
+    upper: Mapping[str, float] = field(default_factory=dict)
+    interval_prob: float | None = None
+    n_obs: int | None = None
+    n_sequences: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in _STAT_MAPS:
+            m = getattr(self, k)
+            if m:
+                out[k] = {name: float(m[name]) for name in PARAM_NAMES if name in m}
+        for k in ("interval_prob", "n_obs", "n_sequences"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, where: str) -> SkillStats:
+        kwargs: dict[str, Any] = {}
+        for k in _STAT_MAPS:
+            if k not in d:
+                continue
+            m = d[k]
+            if not isinstance(m, Mapping):
+                raise ParamFileError(f"{where}.{k}: expected an object keyed by parameter name")
+            extra = sorted(set(m) - set(PARAM_NAMES))
+            if extra:
+                raise ParamFileError(f"{where}.{k}: unknown field(s) {extra}")
+            vals = {}
+            for name, v in m.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ParamFileError(f"{where}.{k}.{name}: must be a finite number, got {v!r}")
+                if k == "sd" and v < 0:
+                    raise ParamFileError(f"{where}.{k}.{name}: must be >= 0, got {v!r}")
+                if k != "sd" and not (0.0 <= v <= 1.0):
+                    raise ParamFileError(f"{where}.{k}.{name}: must lie in [0, 1], got {v!r}")
+                vals[name] = float(v)
+            kwargs[k] = vals
+        if "interval_prob" in d:
+            v = d["interval_prob"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < v < 1.0):
+                raise ParamFileError(f"{where}.interval_prob: must lie in (0, 1), got {v!r}")
+            kwargs["interval_prob"] = float(v)
+        for k in ("n_obs", "n_sequences"):
+            if k in d:
+                v = d[k]
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise ParamFileError(f"{where}.{k}: must be a non-negative integer, got {v!r}")
+                kwargs[k] = v
+        return cls(**kwargs)
+
+
+class ParamTable(Mapping[str, BKTParams]):
+    """Per-skill BKT parameters plus a population default for unseen skills.
+
+    Parameters
+    ----------
+    skills : mapping of str to BKTParams
+        Parameters of each known skill. Skill codes are strings (the canonical
+        events table stores skills as strings; other keys are converted with
+        ``str``).
+    default : BKTParams, optional
+        Used for skills the table has never seen. A hierarchical fit provides
+        the population mean; otherwise the seed card's defaults.
+    stats : mapping of str to SkillStats, optional
+        Uncertainty and counts per skill (only for skills in ``skills``).
+    model : str
+        What produced the table (e.g. ``"seed-defaults"``, ``"BKTModel"``).
+    created : str, optional
+        ISO 8601 creation time; now (UTC) when omitted.
+    metadata : mapping, optional
+        Free-form, JSON-serialisable information (configuration, diagnostics,
+        data provenance).
+    """
+
+    def __init__(
+        self,
+        skills: Mapping[Any, BKTParams] | None = None,
+        default: BKTParams | None = None,
+        *,
+        stats: Mapping[Any, SkillStats] | None = None,
+        model: str = "seed-defaults",
+        created: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._skills: dict[str, BKTParams] = {}
+        for k, v in (skills or {}).items():
+            if not isinstance(v, BKTParams):
+                raise TypeError(f"skill {k!r}: expected BKTParams, got {type(v).__name__}")
+            self._skills[str(k)] = v
+        self.default = default if default is not None else BKTParams()
+        if not isinstance(self.default, BKTParams):
+            raise TypeError("default must be a BKTParams")
+        self.stats: dict[str, SkillStats] = {str(k): v for k, v in (stats or {}).items()}
+        unknown = sorted(set(self.stats) - set(self._skills))
+        if unknown:
+            raise ValueError(f"stats given for skills not in the table: {unknown[:5]}")
+        self.model = str(model)
+        self.created = created or datetime.now(UTC).isoformat(timespec="seconds")
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    # Mapping protocol -------------------------------------------------
+    def __getitem__(self, skill: Any) -> BKTParams:
+        return self._skills[str(skill)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._skills)
+
+    def __len__(self) -> int:
+        return len(self._skills)
+
+    def __contains__(self, skill: object) -> bool:
+        return str(skill) in self._skills
+
+    def __repr__(self) -> str:
+        return f"ParamTable({len(self)} skills, model={self.model!r}, version={self.version[:12]})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ParamTable):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # Lookup -----------------------------------------------------------
+    def lookup(self, skill: Any) -> tuple[BKTParams, bool]:
+        """Parameters for ``skill`` and whether the skill is known.
+
+        Unseen skills get the population default; the flag lets callers report
+        them instead of predicting silently.
+        """
+        p = self._skills.get(str(skill))
+        return (p, True) if p is not None else (self.default, False)
+
+    def params_for(self, skill: Any) -> BKTParams:
+        """Parameters for ``skill``, the population default if unseen."""
+        return self.lookup(skill)[0]
+
+    # Serialisation ----------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (schema version :data:`SCHEMA_VERSION`)."""
+        skills: dict[str, Any] = {}
+        for k, p in self._skills.items():
+            entry: dict[str, Any] = {"params": p.to_dict()}
+            if k in self.stats:
+                entry.update(self.stats[k].to_dict())
+            skills[k] = entry
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "created": self.created,
+            "default": self.default.to_dict(),
+            "skills": skills,
+            "metadata": self.metadata,
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write the table as JSON (UTF-8) and return the path."""
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False, allow_nan=False)
+        path.write_text(text + "\n", encoding="utf-8")
+        return path
+
+    @property
+    def version(self) -> str:
+        """SHA-256 of the canonical JSON document, metadata included.
+
+        Stored on serving rows so that every mastery value says which
+        parameters produced it.
+        """
+        canon = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> ParamTable:
+        """Validate and parse a JSON document (any supported schema version)."""
+        if not isinstance(doc, Mapping):
+            raise ParamFileError("parameter file: top level must be a JSON object")
+        version = doc.get("schema_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ParamFileError(
+                f"parameter file: schema_version must be an integer, got {version!r}"
+            )
+        parser = _PARSERS.get(version)
+        if parser is None:
+            raise ParamFileError(
+                f"parameter file: unknown schema_version {version} "
+                f"(this bktbayes reads {sorted(_PARSERS)})"
+            )
+        return parser(doc)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ParamTable:
+        """Load and validate a parameter file written by :meth:`to_json`."""
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        except json.JSONDecodeError as e:
+            raise ParamFileError(f"{path}: not valid JSON ({e})") from None
+        except ParamFileError as e:
+            raise ParamFileError(f"{path}: {e}") from None
+        return cls.from_dict(doc)
+
+
+def _reject_constant(name: str) -> float:
+    raise ParamFileError(f"non-finite number {name} is not allowed")
+
+
+def _parse_v1(doc: Mapping[str, Any]) -> ParamTable:
+    required = {"schema_version", "model", "created", "default", "skills", "metadata"}
+    missing = sorted(required - set(doc))
+    extra = sorted(set(doc) - required)
+    if missing:
+        raise ParamFileError(f"parameter file: missing field(s) {missing}")
+    if extra:
+        raise ParamFileError(f"parameter file: unknown field(s) {extra}")
+    if not isinstance(doc["model"], str):
+        raise ParamFileError("parameter file: model must be a string")
+    created = doc["created"]
+    if not isinstance(created, str):
+        raise ParamFileError("parameter file: created must be an ISO 8601 string")
+    try:
+        datetime.fromisoformat(created)
+    except ValueError:
+        raise ParamFileError(f"parameter file: created is not ISO 8601: {created!r}") from None
+    if not isinstance(doc["metadata"], Mapping):
+        raise ParamFileError("parameter file: metadata must be an object")
+    default = BKTParams.from_dict(doc["default"], where="default")
+    if not isinstance(doc["skills"], Mapping):
+        raise ParamFileError("parameter file: skills must be an object keyed by skill code")
+    skills: dict[str, BKTParams] = {}
+    stats: dict[str, SkillStats] = {}
+    for code, entry in doc["skills"].items():
+        where = f"skill {code!r}"
+        if not isinstance(entry, Mapping):
+            raise ParamFileError(f"{where}: expected an object with a 'params' field")
+        if "params" not in entry:
+            raise ParamFileError(f"{where}: missing field ['params']")
+        extra = sorted(set(entry) - _STAT_FIELDS)
+        if extra:
+            raise ParamFileError(f"{where}: unknown field(s) {extra}")
+        skills[code] = BKTParams.from_dict(entry["params"], where=f"{where}.params")
+        s = SkillStats.from_dict(entry, where=where)
+        if s.to_dict():
+            stats[code] = s
+    return ParamTable(
+        skills,
+        default,
+        stats=stats,
+        model=doc["model"],
+        created=created,
+        metadata=dict(doc["metadata"]),
+    )
+
+
+_PARSERS = {1: _parse_v1}

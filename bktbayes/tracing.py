@@ -1,0 +1,733 @@
+"""The serving tracer: constant-time BKT updates and a fast batch replay.
+
+Imports numpy and numba only (never PyMC, PyTensor, ArviZ or pandas), so the
+production system can import it cheaply.
+
+Maths (the seed card's, with optional forgetting). With ``p`` = P(mastered)
+before a response, guess ``G``, slip ``S``, transit ``T`` and forget ``F``:
+
+* predicted P(correct) = ``p (1 - S) + (1 - p) G``
+* posterior after a correct answer  = ``p (1 - S) / (p (1 - S) + (1 - p) G)``
+* posterior after an incorrect one  = ``p S / (p S + (1 - p)(1 - G))``
+* P(mastery) after the response     = ``post (1 - F) + (1 - post) T``
+
+"P(mastery) after a response" is always the posterior followed by the
+transition, the same quantity the likelihood's forward filter carries.
+
+Clamping: the seed clamps to [0.01, 0.99] when it *stores* a mastery value.
+:func:`replay` therefore never clamps per-event outputs; it clamps each
+(user, skill)'s running value at every batch boundary (a batch is one stored
+update, e.g. one flashcard session) and the final value.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numba as nb
+import numpy as np
+
+from .packing import DEFAULT_BLOCK_SIZE, Packed, minmax, pack_codes
+from .params import BKTParams, ParamTable
+
+__all__ = [
+    "CLAMP_HIGH",
+    "CLAMP_LOW",
+    "MASTERED_THRESHOLD",
+    "NEEDS_FOCUS_THRESHOLD",
+    "BayesianKnowledgeTracer",
+    "ReplayResult",
+    "clamp",
+    "lockstep_filter",
+    "mastery_status",
+    "replay",
+    "sequential_filter",
+]
+
+#: The seed card's thresholds: P(L) > 0.95 is mastered, P(L) < 0.4 needs focus.
+MASTERED_THRESHOLD = 0.95
+NEEDS_FOCUS_THRESHOLD = 0.4
+#: The seed card's clamp, applied when a mastery value is stored.
+CLAMP_LOW = 0.01
+CLAMP_HIGH = 0.99
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+def clamp(p: float, low: float = CLAMP_LOW, high: float = CLAMP_HIGH) -> float:
+    """Clamp a mastery probability to ``[low, high]`` as the seed does when storing."""
+    return min(high, max(low, p))
+
+
+def mastery_status(
+    p: float,
+    *,
+    mastered: float = MASTERED_THRESHOLD,
+    needs_focus: float = NEEDS_FOCUS_THRESHOLD,
+) -> str:
+    """Classify a mastery probability by the seed card's thresholds.
+
+    Parameters
+    ----------
+    p : float
+        P(mastery), in [0, 1].
+    mastered, needs_focus : float
+        ``p > mastered`` is ``"mastered"``, ``p < needs_focus`` is
+        ``"needs_focus"``, anything between is ``"in_progress"``.
+
+    Returns
+    -------
+    str
+    """
+    if not needs_focus <= mastered:
+        raise ValueError(f"needs_focus ({needs_focus}) must not exceed mastered ({mastered})")
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+    if p > mastered:
+        return "mastered"
+    if p < needs_focus:
+        return "needs_focus"
+    return "in_progress"
+
+
+_STATUS_NAMES = np.array(["needs_focus", "in_progress", "mastered"])
+
+
+def _status_array(p: np.ndarray, mastered: float, needs_focus: float) -> np.ndarray:
+    code = np.where(p > mastered, 2, np.where(p < needs_focus, 0, 1))
+    return _STATUS_NAMES[code]
+
+
+def _as_correct(correct: Any) -> bool:
+    if isinstance(correct, (bool, np.bool_)):
+        return bool(correct)
+    if isinstance(correct, (int, np.integer)) and correct in (0, 1):
+        return bool(correct)
+    raise ValueError(f"correct must be a bool or 0/1, got {correct!r}")
+
+
+class BayesianKnowledgeTracer:
+    """One skill's BKT filter, exactly the seed card's ``update``/``predict_next``.
+
+    Each call is O(1): production code keeps P(mastery) per (user, skill) and
+    updates it per response, instead of replaying the history.
+
+    Parameters
+    ----------
+    params : BKTParams, optional
+        Seed defaults (0.3, 0.09, 0.2, 0.1) when omitted.
+    """
+
+    __slots__ = ("params",)
+
+    def __init__(self, params: BKTParams | None = None) -> None:
+        self.params = params if params is not None else BKTParams()
+        if not isinstance(self.params, BKTParams):
+            raise TypeError(f"params must be BKTParams, got {type(self.params).__name__}")
+
+    def __repr__(self) -> str:
+        return f"BayesianKnowledgeTracer({self.params!r})"
+
+    def posterior(self, p_mastery: float, correct: bool) -> float:
+        """P(mastered | this response), before the learning transition."""
+        p = self.params
+        if not (0.0 <= p_mastery <= 1.0):
+            raise ValueError(f"p_mastery must be a probability in [0, 1], got {p_mastery!r}")
+        if _as_correct(correct):
+            num = (1.0 - p.p_slip) * p_mastery
+            return num / (num + p.p_guess * (1.0 - p_mastery))
+        num = p.p_slip * p_mastery
+        return num / (num + (1.0 - p.p_guess) * (1.0 - p_mastery))
+
+    def update(self, p_mastery: float, correct: bool) -> float:
+        """P(mastery) after observing one response.
+
+        Parameters
+        ----------
+        p_mastery : float
+            P(mastery) before the response, in [0, 1].
+        correct : bool
+            Whether the response was correct.
+
+        Returns
+        -------
+        float
+            Posterior followed by the learning (and forgetting) transition.
+            Not clamped: the clamp belongs to storage (see :func:`clamp`).
+        """
+        post = self.posterior(p_mastery, correct)
+        p = self.params
+        return post * (1.0 - p.p_forget) + (1.0 - post) * p.p_transit
+
+    def predict_next(self, p_mastery: float) -> float:
+        """Predicted probability that the next response is correct."""
+        if not (0.0 <= p_mastery <= 1.0):
+            raise ValueError(f"p_mastery must be a probability in [0, 1], got {p_mastery!r}")
+        p = self.params
+        return p_mastery * (1.0 - p.p_slip) + (1.0 - p_mastery) * p.p_guess
+
+    def update_many(self, p_mastery: float, responses: Iterable[bool]) -> float:
+        """Apply :meth:`update` for each response in order; returns the last value."""
+        for c in responses:
+            p_mastery = self.update(p_mastery, c)
+        return p_mastery
+
+
+# ---------------------------------------------------------------------------
+# Kernels: plain functions over arrays.
+
+
+@nb.njit(**_JIT)
+def sequential_filter(
+    correct, seq_start, seq_len, p_init, p_transit, p_guess, p_slip, p_forget, out_pred, out_mast
+):
+    """Forward filter one sequence after another (CSR layout).
+
+    The reference for :func:`lockstep_filter`; latency-bound on the serial
+    dependency of each step on the last.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_events,)
+        Responses in CSR order.
+    seq_start, seq_len : int64 arrays, shape (n_seqs,)
+        Sequence ``k`` is ``correct[seq_start[k]:seq_start[k] + seq_len[k]]``.
+    p_init, p_transit, p_guess, p_slip, p_forget : float64 arrays, shape (n_seqs,)
+        Parameters of each sequence.
+    out_pred, out_mast : float64 arrays, shape (n_events,)
+        Written (CSR order): P(correct) before and P(mastery) after each response.
+    """
+    for k in range(seq_start.shape[0]):
+        p = p_init[k]
+        g = p_guess[k]
+        s = p_slip[k]
+        tr = p_transit[k]
+        keep = 1.0 - p_forget[k]
+        for i in range(seq_start[k], seq_start[k] + seq_len[k]):
+            q = 1.0 - p
+            pc = p * (1.0 - s) + q * g
+            out_pred[i] = pc
+            if correct[i]:
+                num = p * (1.0 - s)
+                den = pc
+            else:
+                num = p * s
+                den = num + q * (1.0 - g)
+            post = num / den
+            p = post * keep + (1.0 - post) * tr
+            out_mast[i] = p
+
+
+@nb.njit(**_JIT)
+def _lockstep(
+    correct,
+    clamp_before,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out_pred,
+    out_mast,
+    out_final,
+    low,
+    high,
+):
+    # ``clamp_before`` is None or a flag per event; numba compiles the two
+    # cases separately and prunes the dead branch, so the plain kernel pays
+    # nothing for batches.
+    bs = 0
+    for b in range(block_seq.shape[0] - 1):
+        bs = max(bs, block_seq[b + 1] - block_seq[b])
+    state = np.empty(bs)
+    one_s = np.empty(bs)
+    sl = np.empty(bs)
+    gg = np.empty(bs)
+    one_g = np.empty(bs)
+    tr = np.empty(bs)
+    keep = np.empty(bs)
+    for b in range(block_seq.shape[0] - 1):
+        q0 = block_seq[b]
+        m = block_seq[b + 1] - q0
+        for j in range(m):
+            state[j] = p_init[q0 + j]
+            sl[j] = p_slip[q0 + j]
+            one_s[j] = 1.0 - p_slip[q0 + j]
+            gg[j] = p_guess[q0 + j]
+            one_g[j] = 1.0 - p_guess[q0 + j]
+            tr[j] = p_transit[q0 + j]
+            keep[j] = 1.0 - p_forget[q0 + j]
+        pos = block_ev[b]
+        for t in range(step_ptr[b], step_ptr[b + 1]):
+            n = step_count[t]
+            # Slices of exactly n elements let LLVM drop its aliasing checks
+            # and vectorise the loop across sequences.
+            st = state[:n]
+            cc = correct[pos : pos + n]
+            o_pred = out_pred[pos : pos + n]
+            o_mast = out_mast[pos : pos + n]
+            if clamp_before is None:
+                for j in range(n):
+                    p = st[j]
+                    q = 1.0 - p
+                    pc = p * one_s[j] + q * gg[j]
+                    c = cc[j] != 0
+                    num = p * (one_s[j] if c else sl[j])
+                    den = pc if c else num + q * one_g[j]
+                    post = num / den
+                    p = post * keep[j] + (1.0 - post) * tr[j]
+                    st[j] = p
+                    o_pred[j] = pc
+                    o_mast[j] = p
+            else:
+                fl = clamp_before[pos : pos + n]
+                for j in range(n):
+                    p = st[j]
+                    if fl[j]:
+                        p = min(high, max(low, p))
+                    q = 1.0 - p
+                    pc = p * one_s[j] + q * gg[j]
+                    c = cc[j] != 0
+                    num = p * (one_s[j] if c else sl[j])
+                    den = pc if c else num + q * one_g[j]
+                    post = num / den
+                    p = post * keep[j] + (1.0 - post) * tr[j]
+                    st[j] = p
+                    o_pred[j] = pc
+                    o_mast[j] = p
+            pos += n
+        for j in range(m):
+            out_final[q0 + j] = state[j]
+
+
+@nb.njit(**_JIT)
+def lockstep_filter(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out_pred,
+    out_mast,
+    out_final,
+):
+    """Forward filter many sequences in lockstep (lockstep layout).
+
+    Same maths and rounding as :func:`sequential_filter`; the inner loop runs
+    across the sequences active at a time step so that it vectorises.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_events,)
+        Responses in lockstep order.
+    block_seq, block_ev, step_ptr, step_count : int arrays
+        The layout (see :class:`bktbayes.packing.Packed`).
+    p_init, p_transit, p_guess, p_slip, p_forget : float64 arrays, shape (n_seqs,)
+        Parameters of each sequence (lockstep sequence order).
+    out_pred, out_mast : float64 arrays, shape (n_events,)
+        Written: P(correct) before and P(mastery) after each response.
+    out_final : float64 array, shape (n_seqs,)
+        Written: P(mastery) after each sequence's last response (unclamped).
+    """
+    _lockstep(
+        correct,
+        None,
+        block_seq,
+        block_ev,
+        step_ptr,
+        step_count,
+        p_init,
+        p_transit,
+        p_guess,
+        p_slip,
+        p_forget,
+        out_pred,
+        out_mast,
+        out_final,
+        0.0,
+        1.0,
+    )
+
+
+@nb.njit(**_JIT)
+def lockstep_filter_batched(
+    correct,
+    clamp_before,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out_pred,
+    out_mast,
+    out_final,
+    low,
+    high,
+):
+    """:func:`lockstep_filter` that clamps the running value to [low, high]
+    before every event flagged in ``clamp_before`` (uint8, lockstep order):
+    the first event of a stored batch other than a sequence's first."""
+    _lockstep(
+        correct,
+        clamp_before,
+        block_seq,
+        block_ev,
+        step_ptr,
+        step_count,
+        p_init,
+        p_transit,
+        p_guess,
+        p_slip,
+        p_forget,
+        out_pred,
+        out_mast,
+        out_final,
+        low,
+        high,
+    )
+
+
+@nb.njit(**_JIT)
+def _batch_boundaries(batch, csr_row, seq_start, seq_len, lock_pos_of_row):
+    """Flag (in lockstep order) events whose batch differs from the previous
+    event of the same sequence."""
+    flags = np.zeros(csr_row.shape[0], dtype=np.uint8)
+    for k in range(seq_start.shape[0]):
+        for i in range(seq_start[k] + 1, seq_start[k] + seq_len[k]):
+            if batch[csr_row[i]] != batch[csr_row[i - 1]]:
+                flags[lock_pos_of_row[csr_row[i]]] = 1
+    return flags
+
+
+@nb.njit(**_JIT)
+def _inverse_perm(perm):
+    inv = np.empty(perm.shape[0], dtype=np.int64)
+    for i in range(perm.shape[0]):
+        inv[perm[i]] = i
+    return inv
+
+
+# ---------------------------------------------------------------------------
+# Batch replay.
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Output of :func:`replay`.
+
+    Per event (input row order):
+
+    * ``p_correct``: predicted P(correct) before the response, float64 (n_events,)
+    * ``p_mastery``: P(mastery) after the response, unclamped, float64 (n_events,)
+
+    (the two are column views of one (n_events, 2) array).
+
+    Per (user, skill) sequence, in one table (``mastery``) of equal-length arrays:
+    ``user_id``, ``skill``, ``p_mastery`` (final, clamped to [0.01, 0.99]),
+    ``attempts``, ``correct``, ``status``, ``known_skill`` (False where the
+    population default was used).
+
+    ``unknown_skills`` lists the skills that were not in the parameter table
+    and were scored with its population default.
+    """
+
+    p_correct: np.ndarray
+    p_mastery: np.ndarray
+    mastery: dict[str, np.ndarray]
+    unknown_skills: list[Any]
+
+    def events_frame(self):
+        """Per-event outputs as a pandas DataFrame (imports pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame({"p_correct": self.p_correct, "p_mastery": self.p_mastery})
+
+    def mastery_frame(self):
+        """The per-(user, skill) table as a pandas DataFrame (imports pandas)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.mastery)
+
+
+def _column(events: Any, name: str, *, required: bool = True) -> np.ndarray | None:
+    try:
+        col = events[name]
+    except (KeyError, IndexError, TypeError):
+        col = None
+    if col is None:
+        if required:
+            raise ValueError(f"events: missing column {name!r}")
+        return None
+    if hasattr(col, "to_numpy"):
+        try:
+            return col.to_numpy()
+        except TypeError:  # pyarrow ChunkedArray needs zero_copy_only=False
+            return col.to_numpy(zero_copy_only=False)
+    return np.asarray(col)
+
+
+def factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes and uniques of an id column (numpy only).
+
+    Integer columns whose range is small relative to their length are coded
+    by offset (O(n)); anything else goes through ``np.unique`` (a sort).
+
+    Returns
+    -------
+    codes : int64 array, shape (n,)
+    uniques : array
+        ``uniques[codes] == values``; may hold values that do not occur when
+        coded by offset.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind in "iu" and values.size:
+        lo, hi = (int(v) for v in minmax(values))
+        if hi - lo <= 4 * values.size + (1 << 20):
+            codes = values.astype(np.int64, copy=False)
+            if lo != 0:
+                codes = codes - lo
+            return codes, np.arange(lo, hi + 1, dtype=np.int64)
+    if values.dtype.kind == "b":
+        values = values.astype(np.int64)
+    pd = sys.modules.get("pandas")
+    if pd is not None and values.dtype.kind in "OUS":
+        # A hash table beats sorting strings by far; used only when the
+        # caller has pandas loaded already (the tracer never imports it).
+        codes, uniq = pd.factorize(values, sort=True, use_na_sentinel=True)
+        if (codes < 0).any():
+            bad = np.flatnonzero(codes < 0)
+            raise ValueError(f"missing id in {bad.size} rows, first rows {bad[:5].tolist()}")
+        return codes.astype(np.int64), np.asarray(uniq, dtype=object)
+    if values.dtype.kind == "O":
+        bad = [
+            i
+            for i, v in enumerate(values[: min(values.size, 10**7)])
+            if v is None or (isinstance(v, float) and math.isnan(v))
+        ]
+        if bad:
+            raise ValueError(f"missing id in {len(bad)} rows, first rows {bad[:5]}")
+    uniq, codes = np.unique(values, return_inverse=True)
+    return codes.astype(np.int64).reshape(-1), uniq
+
+
+def _check_correct(correct: np.ndarray) -> np.ndarray:
+    c = np.asarray(correct)
+    if c.dtype.kind == "b":
+        return c.astype(np.uint8)
+    if c.dtype.kind in "iuf":
+        bad = ~((c == 0) | (c == 1))
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise ValueError(
+                f"column 'correct': {rows.size} rows are not 0/1, first rows {rows[:5].tolist()}"
+            )
+        return c.astype(np.uint8)
+    raise ValueError(f"column 'correct': expected 0/1 or bool values, got dtype {c.dtype}")
+
+
+def _param_arrays(
+    params: ParamTable | BKTParams | Mapping[Any, BKTParams],
+    skill_values: Sequence[Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-skill-code parameter matrix (n_skills, 5) and known flags."""
+    if isinstance(params, BKTParams):
+        mat = np.tile(np.array(params.as_tuple()), (len(skill_values), 1))
+        return mat, np.ones(len(skill_values), dtype=bool)
+    if not isinstance(params, ParamTable):
+        params = ParamTable(params)
+    mat = np.empty((len(skill_values), 5))
+    known = np.empty(len(skill_values), dtype=bool)
+    for i, s in enumerate(skill_values):
+        p, k = params.lookup(s.item() if isinstance(s, np.generic) else s)
+        mat[i] = p.as_tuple()
+        known[i] = k
+    return mat, known
+
+
+def replay(
+    events: Any,
+    params: ParamTable | BKTParams | Mapping[Any, BKTParams],
+    *,
+    batch: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    mastered: float = MASTERED_THRESHOLD,
+    needs_focus: float = NEEDS_FOCUS_THRESHOLD,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    threads: int | None = None,
+) -> ReplayResult:
+    """Replay event histories through the BKT filter (background recalculation).
+
+    Parameters
+    ----------
+    events : columnar table
+        Anything indexable by column name: a dict of arrays, a pandas
+        DataFrame, a pyarrow Table. Columns ``user_id``, ``skill``,
+        ``correct`` (0/1 or bool) and ``order`` (numeric or datetime64), in any
+        row order. A response tagged with several skills is one row per skill.
+    params : ParamTable, BKTParams or mapping skill -> BKTParams
+        Skills missing from a table use its population default and are listed
+        in ``ReplayResult.unknown_skills``.
+    batch : str, optional
+        Name of a column identifying the stored batch (one store update) each
+        event arrived in. The running value is clamped to [0.01, 0.99] at each
+        batch boundary within a (user, skill), as the store does.
+    columns : mapping, optional
+        Canonical name -> column name in ``events``.
+    mastered, needs_focus : float
+        Status thresholds.
+    block_size : int
+        Sequences per lockstep block.
+    threads : int, optional
+        Threads for sorting and scattering (default: numba's thread count;
+        ``1`` for strictly one core). Results are identical for any value.
+
+    Returns
+    -------
+    ReplayResult
+        Per-event outputs in the input's row order, and the per-(user, skill)
+        mastery table.
+    """
+    cols = {"user_id": "user_id", "skill": "skill", "correct": "correct", "order": "order"}
+    cols.update(columns or {})
+    user = _column(events, cols["user_id"])
+    skill = _column(events, cols["skill"])
+    correct = _check_correct(_column(events, cols["correct"]))
+    order = _column(events, cols["order"])
+    n = len(correct)
+    for name, arr in (("user_id", user), ("skill", skill), ("order", order)):
+        if len(arr) != n:
+            raise ValueError(f"column {cols[name]!r} has {len(arr)} rows, expected {n}")
+    if order.dtype.kind == "f" and np.isnan(order).any():
+        rows = np.flatnonzero(np.isnan(order))
+        raise ValueError(
+            f"column {cols['order']!r}: {rows.size} rows have no order, first rows "
+            f"{rows[:5].tolist()}"
+        )
+    if order.dtype.kind not in "iufM":
+        raise ValueError(
+            f"column {cols['order']!r}: expected numbers or datetimes, got dtype {order.dtype}"
+        )
+    u_codes, u_uniq = factorize(user)
+    s_codes, s_uniq = factorize(skill)
+    packed = pack_codes(
+        u_codes,
+        s_codes,
+        order,
+        correct,
+        n_user=len(u_uniq),
+        n_skill=len(s_uniq),
+        block_size=block_size,
+        threads=threads,
+    )
+    batch_arr = _column(events, batch) if batch is not None else None
+    if batch_arr is not None:
+        batch_arr, _ = factorize(batch_arr)
+    return replay_packed(
+        packed,
+        params,
+        s_uniq,
+        u_uniq,
+        batch=batch_arr,
+        mastered=mastered,
+        needs_focus=needs_focus,
+        threads=threads,
+    )
+
+
+def replay_packed(
+    packed: Packed,
+    params: ParamTable | BKTParams | Mapping[Any, BKTParams],
+    skill_values: Sequence[Any],
+    user_values: Sequence[Any],
+    *,
+    batch: np.ndarray | None = None,
+    mastered: float = MASTERED_THRESHOLD,
+    needs_focus: float = NEEDS_FOCUS_THRESHOLD,
+    threads: int | None = None,
+) -> ReplayResult:
+    """:func:`replay` on events already packed (see :func:`bktbayes.packing.pack_codes`).
+
+    ``packed`` must carry the responses (``pack_codes(..., correct)``).
+    ``skill_values[code]`` and ``user_values[code]`` give the ids behind the
+    integer codes; ``batch`` holds integer batch codes in input row order.
+    """
+    if packed.lock_correct is None or packed.seq_correct is None:
+        raise ValueError("packed events carry no responses: pack them with correct=")
+    used_skills = np.flatnonzero(np.bincount(packed.seq_skill, minlength=len(skill_values)))
+    mat_used, known_used = _param_arrays(params, [skill_values[i] for i in used_skills])
+    mat = np.zeros((len(skill_values), 5))
+    known = np.ones(len(skill_values), dtype=bool)
+    mat[used_skills] = mat_used
+    known[used_skills] = known_used
+    seq_p = mat[packed.seq_skill]  # (n_seqs, 5)
+    p0, pt, pg, ps, pf = (np.ascontiguousarray(seq_p[:, i]) for i in range(5))
+    obs = packed.lock_correct
+    pred = np.empty(packed.n_events)
+    mast = np.empty(packed.n_events)
+    final = np.empty(packed.n_seqs)
+    args = (
+        packed.block_seq,
+        packed.block_ev,
+        packed.step_ptr,
+        packed.step_count,
+        p0,
+        pt,
+        pg,
+        ps,
+        pf,
+        pred,
+        mast,
+        final,
+    )
+    if batch is None:
+        lockstep_filter(obs, *args)
+    else:
+        lock_pos = _inverse_perm(packed.lock_row)
+        flags = _batch_boundaries(
+            np.ascontiguousarray(batch), packed.csr_row, packed.seq_start, packed.seq_len, lock_pos
+        )
+        lockstep_filter_batched(obs, flags, *args, CLAMP_LOW, CLAMP_HIGH)
+    final = np.clip(final, CLAMP_LOW, CLAMP_HIGH)
+    skill_values = (
+        np.asarray(skill_values, dtype=object)
+        if not isinstance(skill_values, np.ndarray)
+        else skill_values
+    )
+    user_values = (
+        np.asarray(user_values) if not isinstance(user_values, np.ndarray) else (user_values)
+    )
+    mastery = {
+        "user_id": user_values[packed.seq_user],
+        "skill": skill_values[packed.seq_skill],
+        "p_mastery": final,
+        "attempts": packed.seq_len.copy(),
+        "correct": packed.seq_correct.copy(),
+        "status": _status_array(final, mastered, needs_focus),
+        "known_skill": known[packed.seq_skill],
+    }
+    unknown = [skill_values[i] for i in used_skills[~known_used]]
+    unknown = [u.item() if isinstance(u, np.generic) else u for u in unknown]
+    both = packed.from_lockstep_pair(pred, mast, threads)
+    return ReplayResult(
+        p_correct=both[:, 0],
+        p_mastery=both[:, 1],
+        mastery=mastery,
+        unknown_skills=unknown,
+    )

@@ -1,0 +1,202 @@
+import json
+import math
+
+import pytest
+
+from bktbayes.params import (
+    PARAM_NAMES,
+    SCHEMA_VERSION,
+    BKTParams,
+    ParamFileError,
+    ParamTable,
+    SkillStats,
+)
+
+
+def test_defaults_are_the_seed_cards():
+    p = BKTParams()
+    assert p.as_tuple() == (0.3, 0.09, 0.2, 0.1, 0.0)
+
+
+@pytest.mark.parametrize("field", ["p_init", "p_transit", "p_guess", "p_slip"])
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.1, 1.5, math.nan, math.inf])
+def test_out_of_range_names_field_and_value(field, value):
+    with pytest.raises(ValueError, match=field) as e:
+        BKTParams(**{field: value})
+    assert repr(float(value)) in str(e.value)
+
+
+@pytest.mark.parametrize("value", [1.0, -0.01, math.nan])
+def test_forget_range(value):
+    with pytest.raises(ValueError, match="p_forget"):
+        BKTParams(p_forget=value)
+    assert BKTParams(p_forget=0.0).p_forget == 0.0
+
+
+@pytest.mark.parametrize("value", [True, "0.3", None])
+def test_non_numbers_rejected(value):
+    with pytest.raises(ValueError, match="p_init"):
+        BKTParams(p_init=value)
+
+
+def test_guess_plus_slip_must_be_below_one():
+    with pytest.raises(ValueError, match="p_guess \\+ p_slip"):
+        BKTParams(p_guess=0.6, p_slip=0.4)
+    BKTParams(p_guess=0.6, p_slip=0.39)
+
+
+def test_transit_plus_forget_must_be_below_one():
+    with pytest.raises(ValueError, match="p_transit \\+ p_forget"):
+        BKTParams(p_transit=0.75, p_forget=0.25)
+    BKTParams(p_transit=0.75, p_forget=0.24)
+
+
+def _table():
+    return ParamTable(
+        {
+            "fractions": BKTParams(0.2, 0.1, 0.25, 0.08, 0.01),
+            "Absolute Value": BKTParams(0.5, 0.2, 0.1, 0.05),
+        },
+        BKTParams(0.35, 0.12, 0.2, 0.1),
+        stats={
+            "fractions": SkillStats(
+                sd={"p_init": 0.02, "p_transit": 0.01},
+                lower={"p_init": 0.17},
+                upper={"p_init": 0.23},
+                interval_prob=0.94,
+                n_obs=1234,
+                n_sequences=87,
+            )
+        },
+        model="test",
+        metadata={"config": {"pooling": "hierarchical"}, "forced": False},
+    )
+
+
+def test_json_round_trip(tmp_path):
+    t = _table()
+    path = t.to_json(tmp_path / "p.json")
+    back = ParamTable.from_json(path)
+    assert back == t
+    assert back.version == t.version
+    assert back.stats["fractions"].n_obs == 1234
+    assert back["fractions"].p_forget == 0.01
+    doc = json.loads(path.read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION
+    assert set(doc) == {"schema_version", "model", "created", "default", "skills", "metadata"}
+
+
+def test_version_hash_covers_metadata():
+    a = _table()
+    b = _table()
+    b.created = a.created
+    assert a.version == b.version
+    b.metadata["forced"] = True
+    assert a.version != b.version
+
+
+def test_unseen_skill_uses_default_and_says_so():
+    t = _table()
+    p, known = t.lookup("never seen")
+    assert p == t.default and known is False
+    p, known = t.lookup("fractions")
+    assert known is True and p.p_init == 0.2
+
+
+def _doc():
+    return _table().to_dict()
+
+
+def _write(tmp_path, doc, raw=None):
+    path = tmp_path / "p.json"
+    path.write_text(raw if raw is not None else json.dumps(doc))
+    return path
+
+
+def test_rejects_unknown_schema_version(tmp_path):
+    doc = _doc()
+    doc["schema_version"] = 99
+    with pytest.raises(ParamFileError, match="unknown schema_version 99"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+@pytest.mark.parametrize("field", ["model", "created", "default", "skills", "metadata"])
+def test_rejects_missing_top_level_field(tmp_path, field):
+    doc = _doc()
+    del doc[field]
+    with pytest.raises(ParamFileError, match=f"missing field.*{field}"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_rejects_extra_fields(tmp_path):
+    doc = _doc()
+    doc["surprise"] = 1
+    with pytest.raises(ParamFileError, match="unknown field.*surprise"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc = _doc()
+    doc["skills"]["fractions"]["params"]["p_extra"] = 0.1
+    with pytest.raises(ParamFileError, match="skill 'fractions'.params: unknown field.*p_extra"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc = _doc()
+    doc["skills"]["fractions"]["colour"] = "red"
+    with pytest.raises(ParamFileError, match="skill 'fractions': unknown field.*colour"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_rejects_missing_param_field(tmp_path):
+    doc = _doc()
+    del doc["skills"]["Absolute Value"]["params"]["p_slip"]
+    with pytest.raises(ParamFileError, match="skill 'Absolute Value'.params: missing.*p_slip"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_rejects_out_of_range_naming_skill_and_field(tmp_path):
+    doc = _doc()
+    doc["skills"]["fractions"]["params"]["p_guess"] = 1.2
+    with pytest.raises(ParamFileError, match="skill 'fractions'.params.p_guess"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc = _doc()
+    doc["default"]["p_transit"] = 0
+    with pytest.raises(ParamFileError, match="default.p_transit"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_rejects_non_finite(tmp_path):
+    text = json.dumps(_doc()).replace('"p_init": 0.2', '"p_init": NaN', 1)
+    with pytest.raises(ParamFileError, match="non-finite"):
+        ParamTable.from_json(_write(tmp_path, None, raw=text))
+    doc = _doc()
+    doc["skills"]["fractions"]["sd"]["p_init"] = -1.0
+    with pytest.raises(ParamFileError, match="skill 'fractions'.sd.p_init"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_rejects_bad_created_and_invalid_json(tmp_path):
+    doc = _doc()
+    doc["created"] = "yesterday"
+    with pytest.raises(ParamFileError, match="ISO 8601"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    with pytest.raises(ParamFileError, match="not valid JSON"):
+        ParamTable.from_json(_write(tmp_path, None, raw="{"))
+
+
+def test_guess_slip_rule_applies_in_files(tmp_path):
+    doc = _doc()
+    doc["skills"]["fractions"]["params"].update(p_guess=0.6, p_slip=0.5)
+    with pytest.raises(ParamFileError, match="skill 'fractions'.params: p_guess \\+ p_slip"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_param_names_order():
+    assert PARAM_NAMES == ("p_init", "p_transit", "p_guess", "p_slip", "p_forget")
+
+
+def test_no_pickle_anywhere_in_the_package():
+    import pathlib
+
+    import bktbayes
+
+    root = pathlib.Path(bktbayes.__file__).parent
+    for f in root.rglob("*.py"):
+        text = f.read_text()
+        assert "import pickle" not in text and "cloudpickle" not in text, f
