@@ -152,6 +152,8 @@ def _skill_str(s: pd.Series) -> pd.Series:
         integral = s.dropna()
         if (integral == np.floor(integral)).all():
             s = s.astype("Int64")
+    elif s.dtype == object:
+        s = s.map(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
     out = s.astype("string")
     out = out.str.strip()
     return out.mask(out == "", pd.NA)
