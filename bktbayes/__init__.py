@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "replay": "bktbayes.tracing",
     "load_events": "bktbayes.data",
     "simulate": "bktbayes.simulate",
+    "BKTModel": "bktbayes.models",
+    "export_params": "bktbayes.export",
 }
 
 __all__ = [  # noqa: RUF022 (grouped by module, as in _LAZY)
@@ -34,10 +36,14 @@ __all__ = [  # noqa: RUF022 (grouped by module, as in _LAZY)
     "replay",
     "load_events",
     "simulate",
+    "BKTModel",
+    "export_params",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import load_events
+    from .export import export_params
+    from .models import BKTModel
     from .params import BKTParams, ParamTable, SkillStats
     from .simulate import simulate
     from .tracing import BayesianKnowledgeTracer, mastery_status, replay

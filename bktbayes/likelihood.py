@@ -68,8 +68,9 @@ def forward_logp(
     p_slip,
     p_forget,
     out_logp,
+    out_mast=None,
 ):
-    """Per-sequence log-likelihood (value only).
+    """Per-sequence log-likelihood (value only), optionally the filtered state.
 
     Parameters
     ----------
@@ -83,6 +84,10 @@ def forward_logp(
         None for a model without forgetting.
     out_logp : float64 array, shape (n_seqs,)
         Written: log p(responses of the sequence), in nats.
+    out_mast : float64 array, shape (n_events,), optional
+        Written when given (lockstep order): P(mastery) after each response,
+        the posterior followed by the transition, the quantity the serving
+        tracer reports.
     """
     bs = _block_size(block_seq)
     P = np.empty(bs)
@@ -124,6 +129,8 @@ def forward_logp(
                     f = p_forget[q0 + j]
                     P[j] = pp * (1.0 - f) + pq * T[j]
                     Q[j] = pp * f + pq * (1.0 - T[j])
+                if out_mast is not None:
+                    out_mast[pos + j] = P[j]
             if (ti - step_ptr[b]) % _LOG_EVERY == _LOG_EVERY - 1:
                 for j in range(n):
                     LL[j] += np.log(PR[j])

@@ -1,0 +1,146 @@
+"""From a fitted posterior to the serving system's parameter table (JSON).
+
+Per skill: the posterior mean of each probability (what the tracer uses), its
+median, sd and a central interval (94% by default), and the observation
+counts behind it. The population-level parameters become the default for
+skills the table has never seen: for a hierarchical fit, the posterior mean of
+the probabilities implied by the population means (``mu_*``); without pooling,
+the mean over skills of the per-skill estimates (the file's metadata says
+which). The model configuration, the fit's diagnostics and the data's
+provenance go into the metadata.
+
+Export refuses a fit whose diagnostics fail (R-hat > 1.01 or divergences)
+unless ``force=True``, which is then recorded in the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .params import PARAM_NAMES, BKTParams, ParamTable, SkillStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import BKTModel
+
+__all__ = ["ExportError", "export_params"]
+
+
+class ExportError(ValueError):
+    """The fit is not fit for serving (diagnostics fail) and export was not forced."""
+
+
+def _draws(post, name: str) -> np.ndarray:
+    da = post[name]
+    return da.stack(sample=("chain", "draw")).transpose("sample", ...).values
+
+
+def export_params(
+    model: BKTModel,
+    *,
+    force: bool = False,
+    n_draws: int = 0,
+    interval_prob: float = 0.94,
+) -> ParamTable:
+    """Build the :class:`~bktbayes.params.ParamTable` of a fitted model.
+
+    Parameters
+    ----------
+    model : BKTModel
+        A fitted model (``model.idata`` set).
+    force : bool
+        Export even if the diagnostics fail; recorded as ``metadata.forced``.
+    n_draws : int
+        Reserved for exporting thinned posterior draws (not yet supported:
+        must be 0).
+    interval_prob : float
+        Probability of the central interval stored per parameter.
+
+    Returns
+    -------
+    ParamTable
+    """
+    from .models import GROUPS, natural_params
+
+    if model.idata is None:
+        raise ExportError("the model has not been fitted")
+    if n_draws:
+        raise NotImplementedError("exporting posterior draws is not implemented yet")
+    diag = model.diagnostics or model.check_diagnostics(warn=False)
+    failing = diag["max_rhat"] > 1.01 or diag["divergences"] > 0
+    if failing and not force:
+        raise ExportError(
+            f"refusing to export a fit with max R-hat {diag['max_rhat']:.3f} and "
+            f"{diag['divergences']} divergences; fix the fit or pass force=True "
+            "(recorded in the file)"
+        )
+    post = model.idata["posterior"]
+    const = model.idata["constant_data"]
+    skills = [str(s) for s in post["p_init"]["skill"].values]
+    cfg = model.config
+    draws = {}
+    for name in PARAM_NAMES:
+        if name in post:
+            draws[name] = _draws(post, name)
+        else:
+            draws[name] = np.zeros_like(draws["p_init"])
+    seq_skill = np.asarray(const["seq_skill"].values).astype(str)
+    seq_len = np.asarray(const["seq_len"].values)
+    lo_q, hi_q = (1 - interval_prob) / 2, 1 - (1 - interval_prob) / 2
+    table_skills: dict[str, BKTParams] = {}
+    stats: dict[str, SkillStats] = {}
+    for i, s in enumerate(skills):
+        col = {k: v[:, i] for k, v in draws.items()}
+        mean = {k: float(np.mean(v)) for k, v in col.items()}
+        table_skills[s] = BKTParams(**mean)
+        in_skill = seq_skill == s
+        stats[s] = SkillStats(
+            sd={k: float(np.std(v)) for k, v in col.items()},
+            median={k: float(np.median(v)) for k, v in col.items()},
+            lower={k: float(np.quantile(v, lo_q)) for k, v in col.items()},
+            upper={k: float(np.quantile(v, hi_q)) for k, v in col.items()},
+            interval_prob=interval_prob,
+            n_obs=int(seq_len[in_skill].sum()),
+            n_sequences=int(in_skill.sum()),
+        )
+    if cfg.pooling == "hierarchical":
+        groups = GROUPS if cfg.forgetting else GROUPS[:4]
+        mu = {g: _draws(post, f"mu_{g}") for g in groups}
+        nat = natural_params(mu, cfg.guess_slip)
+        default = BKTParams(**{k: float(np.mean(nat[k])) for k in PARAM_NAMES})
+        default_source = "posterior mean of the population-level parameters (mu_*)"
+    else:
+        default = BKTParams(
+            **{
+                k: float(np.mean([getattr(p, k) for p in table_skills.values()]))
+                for k in PARAM_NAMES
+            }
+        )
+        default_source = "mean over skills of the per-skill posterior means (pooling='none')"
+    metadata: dict[str, Any] = {
+        "config": asdict(cfg),
+        "diagnostics": _plain(diag),
+        "fit": _plain(model.fit_info),
+        "default_source": default_source,
+        "estimate": "posterior mean",
+        "forced": bool(force and failing),
+        "n_observations": int(seq_len.sum()),
+        "n_sequences": len(seq_len),
+    }
+    return ParamTable(
+        table_skills, default, stats=stats, model="bktbayes.BKTModel", metadata=metadata
+    )
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x

@@ -1,0 +1,787 @@
+"""Hierarchical BKT in PyMC: one model family with options.
+
+``BKTModel(pooling="hierarchical" | "none", forgetting=False,
+student_effects=None | "init" | "init+transit", item_effects=False,
+parametrization="auto" | "centered" | "non_centered",
+guess_slip="ordered" | "bounded", priors=None)``
+
+Parameters live on the logit scale. Per skill ``s``:
+
+* ``p_init = sigmoid(init[s])``, ``p_transit = sigmoid(transit[s])``;
+* ``guess_slip="ordered"`` (default): ``p_guess = sigmoid(guess[s])`` and
+  ``1 - p_slip = p_guess + (1 - p_guess) sigmoid(slip[s])``, so
+  ``p_guess + p_slip < 1`` holds by construction and the mastered state cannot
+  swap meaning. ``"bounded"``: ``p_guess = 0.5 sigmoid(guess[s])`` and
+  ``p_slip = 0.5 sigmoid(slip[s])`` (Baker, Corbett & Aleven 2008, against
+  "degenerate" fits). The default is the ordering: on real data the 0.5 bound
+  pins many guess parameters at the bound, costs predictive accuracy and
+  mixes badly; the ordering alone already identifies the states;
+* ``forgetting=True``: ``p_forget = (1 - p_transit) sigmoid(forget[s])``, so
+  ``p_transit + p_forget < 1`` (the mastered state is the persistent one);
+* ``student_effects``: per-student offsets added to ``init`` (and
+  ``transit``), ``offset[u] = sigma_student * z[u]`` (Yudelson et al. 2013).
+
+Hierarchical pooling: each group ``init, transit, guess, slip, forget`` has a
+population mean ``mu_*`` and scale ``sigma_*``. The parametrisation is chosen
+per skill and group: centred (``x[s] ~ Normal(mu, sigma)``) for data-rich
+skills, non-centred (``x[s] = mu + sigma z[s]``) for sparse ones. Rule of
+``"auto"``: centred when the skill has at least :data:`CENTERED_MIN_SEQUENCES`
+sequences (for ``init``, informed once per sequence) or
+:data:`CENTERED_MIN_OBS` responses (the other groups).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from .data import PackedEvents, pack_events
+from .likelihood import forward_logp
+
+__all__ = [
+    "CENTERED_MIN_OBS",
+    "CENTERED_MIN_SEQUENCES",
+    "DEFAULT_PRIORS",
+    "BKTModel",
+    "ConvergenceWarning",
+]
+
+GROUPS = ("init", "transit", "guess", "slip", "forget")
+
+#: "auto" parametrisation: centred for skills with at least this many sequences
+#: (init group) or responses (other groups).
+CENTERED_MIN_SEQUENCES = 100
+CENTERED_MIN_OBS = 1500
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p) - np.log1p(-p))
+
+
+# Prior means match the seed card's defaults (0.3, 0.09, 0.2, 0.1) and a small
+# forgetting rate; the scales allow any plausible value while keeping the
+# logits away from numerically meaningless extremes.
+DEFAULT_PRIORS: dict[str, dict[str, float]] = {
+    # population mean of each group's logit: Normal(mu, sd)
+    "mu_init": {"mu": _logit(0.3), "sigma": 1.5},
+    "mu_transit": {"mu": _logit(0.09), "sigma": 1.5},
+    "mu_guess": {"mu": _logit(0.2), "sigma": 1.0},
+    # ordered: 1 - slip = guess + (1 - guess) sigmoid(x); x = 1.95 gives slip 0.1
+    # at guess 0.2
+    "mu_slip": {"mu": 1.95, "sigma": 1.0},
+    "mu_forget": {"mu": -3.0, "sigma": 1.5},
+    # population scale of each group: HalfNormal(sigma)
+    "sigma_init": {"sigma": 1.0},
+    "sigma_transit": {"sigma": 1.0},
+    "sigma_guess": {"sigma": 0.75},
+    "sigma_slip": {"sigma": 0.75},
+    "sigma_forget": {"sigma": 1.0},
+    # student offsets: sigma_student_* ~ HalfNormal(sigma)
+    "sigma_student_init": {"sigma": 1.0},
+    "sigma_student_transit": {"sigma": 0.5},
+}
+
+_BOUNDED_MU = {
+    "mu_guess": {"mu": _logit(0.4), "sigma": 1.0},
+    "mu_slip": {"mu": _logit(0.2), "sigma": 1.0},
+}
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit's diagnostics fail the thresholds (R-hat, ESS, divergences)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pooling: Literal["hierarchical", "none"] = "hierarchical"
+    forgetting: bool = False
+    student_effects: Literal["init", "init+transit"] | None = None
+    item_effects: bool = False
+    parametrization: Literal["auto", "centered", "non_centered"] = "auto"
+    guess_slip: Literal["ordered", "bounded"] = "ordered"
+    priors: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("hierarchical", "none"):
+            raise ValueError(f"pooling must be 'hierarchical' or 'none', got {self.pooling!r}")
+        if self.student_effects not in (None, "init", "init+transit"):
+            raise ValueError(
+                "student_effects must be None, 'init' or 'init+transit', "
+                f"got {self.student_effects!r}"
+            )
+        if self.parametrization not in ("auto", "centered", "non_centered"):
+            raise ValueError(f"unknown parametrization {self.parametrization!r}")
+        if self.guess_slip not in ("ordered", "bounded"):
+            raise ValueError(f"guess_slip must be 'ordered' or 'bounded', got {self.guess_slip!r}")
+        if self.item_effects:
+            raise NotImplementedError(
+                "item_effects=True (KT-IDEM item guess/slip) is not implemented yet"
+            )
+        bad = sorted(set(self.priors) - set(DEFAULT_PRIORS))
+        if bad:
+            raise ValueError(f"unknown prior(s) {bad}; known: {sorted(DEFAULT_PRIORS)}")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return GROUPS if self.forgetting else GROUPS[:4]
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def natural_params(logits: Mapping[str, np.ndarray], guess_slip: str) -> dict[str, np.ndarray]:
+    """Map logit-scale group values to the five probabilities (numpy).
+
+    The same transformation as the PyMC model, for exports and fast estimates.
+    """
+    out = {
+        "p_init": _sigmoid(logits["init"]),
+        "p_transit": _sigmoid(logits["transit"]),
+    }
+    if guess_slip == "ordered":
+        g = _sigmoid(logits["guess"])
+        out["p_guess"] = g
+        out["p_slip"] = (1.0 - g) * _sigmoid(-logits["slip"])
+    else:
+        out["p_guess"] = 0.5 * _sigmoid(logits["guess"])
+        out["p_slip"] = 0.5 * _sigmoid(logits["slip"])
+    if "forget" in logits:
+        out["p_forget"] = (1.0 - out["p_transit"]) * _sigmoid(logits["forget"])
+    else:
+        out["p_forget"] = np.zeros_like(out["p_init"])
+    return out
+
+
+class BKTModel:
+    """Bayesian Knowledge Tracing as a marginalised HMM in PyMC.
+
+    Parameters
+    ----------
+    pooling : {"hierarchical", "none"}
+        Partial pooling of skill parameters (default) or independent skills.
+    forgetting : bool
+        Add ``p_forget``.
+    student_effects : {None, "init", "init+transit"}
+        Per-student logit offsets on ``p_init`` (and ``p_transit``).
+    item_effects : bool
+        Item-level guess and slip (not implemented yet).
+    parametrization : {"auto", "centered", "non_centered"}
+        Of the hierarchical skill parameters (see the module docstring).
+    guess_slip : {"ordered", "bounded"}
+        Identifiability constraint on guess and slip.
+    priors : mapping, optional
+        Overrides of :data:`DEFAULT_PRIORS` entries, e.g.
+        ``{"mu_transit": {"mu": -1.0, "sigma": 1.0}}``.
+
+    Examples
+    --------
+    >>> model = BKTModel()                         # doctest: +SKIP
+    >>> idata = model.fit(events, random_seed=1)   # doctest: +SKIP
+    >>> table = model.export_params()              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pooling: Literal["hierarchical", "none"] = "hierarchical",
+        forgetting: bool = False,
+        student_effects: Literal["init", "init+transit"] | None = None,
+        item_effects: bool = False,
+        parametrization: Literal["auto", "centered", "non_centered"] = "auto",
+        guess_slip: Literal["ordered", "bounded"] = "ordered",
+        priors: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        self.config = ModelConfig(
+            pooling=pooling,
+            forgetting=forgetting,
+            student_effects=student_effects,
+            item_effects=item_effects,
+            parametrization=parametrization,
+            guess_slip=guess_slip,
+            priors={k: dict(v) for k, v in (priors or {}).items()},
+        )
+        self.idata = None
+        self.model = None
+        self._packed: PackedEvents | None = None
+        self.diagnostics: dict[str, Any] | None = None
+        self.fit_info: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"BKTModel(pooling={c.pooling!r}, forgetting={c.forgetting}, "
+            f"student_effects={c.student_effects!r}, parametrization={c.parametrization!r}, "
+            f"guess_slip={c.guess_slip!r})"
+        )
+
+    # ------------------------------------------------------------------
+    def prior(self, name: str) -> dict[str, float]:
+        """The prior settings in force for ``name`` (defaults plus overrides)."""
+        base = dict(DEFAULT_PRIORS[name])
+        if self.config.guess_slip == "bounded" and name in _BOUNDED_MU:
+            base = dict(_BOUNDED_MU[name])
+        base.update(self.config.priors.get(name, {}))
+        return base
+
+    def _centered_mask(self, group: str, n_seq: np.ndarray, n_obs: np.ndarray) -> np.ndarray:
+        p = self.config.parametrization
+        if p == "centered":
+            return np.ones(n_seq.shape, dtype=bool)
+        if p == "non_centered":
+            return np.zeros(n_seq.shape, dtype=bool)
+        if group == "init":
+            return n_seq >= CENTERED_MIN_SEQUENCES
+        return n_obs >= CENTERED_MIN_OBS
+
+    def build_model(self, events: pd.DataFrame):
+        """Build the PyMC model for an events table (see :func:`bktbayes.data.load_events`).
+
+        Returns
+        -------
+        pymc.Model
+        """
+        import pymc as pm
+        import pytensor.tensor as pt
+
+        from .ops import bkt_loglik, layout_inputs
+
+        pe = pack_events(events)
+        self._packed = pe
+        pk = pe.packed
+        cfg = self.config
+        n_skill = len(pe.skills)
+        n_seq_skill = np.bincount(pk.seq_skill, minlength=n_skill)
+        n_obs_skill = np.bincount(pk.seq_skill, weights=pk.seq_len, minlength=n_skill)
+        coords = {"skill": [str(s) for s in pe.skills]}
+        if cfg.student_effects:
+            coords["user"] = [str(u) for u in pe.users]
+        seq_skill = pk.seq_skill
+        self.fit_info["centered"] = {}
+
+        with pm.Model(coords=coords) as model:
+            logits = {}
+            for g in cfg.groups:
+                mu_p = self.prior(f"mu_{g}")
+                if cfg.pooling == "none":
+                    logits[g] = pm.Normal(f"{g}_logit", mu_p["mu"], mu_p["sigma"], dims="skill")
+                    continue
+                mu = pm.Normal(f"mu_{g}", mu_p["mu"], mu_p["sigma"])
+                sigma = pm.HalfNormal(f"sigma_{g}", self.prior(f"sigma_{g}")["sigma"])
+                cmask = self._centered_mask(g, n_seq_skill, n_obs_skill)
+                self.fit_info["centered"][g] = int(cmask.sum())
+                c = pt.as_tensor_variable(cmask.astype("float64"))
+                # One vector, parametrised per skill: x ~ N(mu, sigma) where
+                # centred, x ~ N(0, 1) and logit = mu + sigma x elsewhere.
+                raw = pm.Normal(f"{g}_raw", mu=c * mu, sigma=c * sigma + (1.0 - c), dims="skill")
+                logits[g] = pm.Deterministic(
+                    f"{g}_logit", c * raw + (1.0 - c) * (mu + sigma * raw), dims="skill"
+                )
+            p_init_s = pm.Deterministic("p_init", pm.math.sigmoid(logits["init"]), dims="skill")
+            p_tr_s = pm.Deterministic("p_transit", pm.math.sigmoid(logits["transit"]), dims="skill")
+            if cfg.guess_slip == "ordered":
+                g_s = pm.math.sigmoid(logits["guess"])
+                s_s = (1.0 - g_s) * pm.math.sigmoid(-logits["slip"])
+            else:
+                g_s = 0.5 * pm.math.sigmoid(logits["guess"])
+                s_s = 0.5 * pm.math.sigmoid(logits["slip"])
+            g_s = pm.Deterministic("p_guess", g_s, dims="skill")
+            s_s = pm.Deterministic("p_slip", s_s, dims="skill")
+            f_s = None
+            if cfg.forgetting:
+                f_s = pm.Deterministic(
+                    "p_forget", (1.0 - p_tr_s) * pm.math.sigmoid(logits["forget"]), dims="skill"
+                )
+
+            init_seq_logit = logits["init"][seq_skill]
+            tr_seq_logit = logits["transit"][seq_skill]
+            if cfg.student_effects:
+                seq_user = pk.seq_user
+                s_init = pm.HalfNormal(
+                    "sigma_student_init", self.prior("sigma_student_init")["sigma"]
+                )
+                z_init = pm.Normal("student_init_z", 0.0, 1.0, dims="user")
+                pm.Deterministic("student_init", s_init * z_init, dims="user")
+                init_seq_logit = init_seq_logit + (s_init * z_init)[seq_user]
+                if cfg.student_effects == "init+transit":
+                    s_tr = pm.HalfNormal(
+                        "sigma_student_transit", self.prior("sigma_student_transit")["sigma"]
+                    )
+                    z_tr = pm.Normal("student_transit_z", 0.0, 1.0, dims="user")
+                    pm.Deterministic("student_transit", s_tr * z_tr, dims="user")
+                    tr_seq_logit = tr_seq_logit + (s_tr * z_tr)[seq_user]
+                pi_seq = pm.math.sigmoid(init_seq_logit)
+                pt_seq = pm.math.sigmoid(tr_seq_logit)
+                f_seq = (
+                    (1.0 - pt_seq) * pm.math.sigmoid(logits["forget"][seq_skill])
+                    if cfg.forgetting
+                    else None
+                )
+            else:
+                pi_seq = p_init_s[seq_skill]
+                pt_seq = p_tr_s[seq_skill]
+                f_seq = f_s[seq_skill] if cfg.forgetting else None
+            data = layout_inputs(pk)
+            ll = bkt_loglik(data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq)
+            pm.Potential("loglik", ll.sum())
+        self.model = model
+        return model
+
+    # ------------------------------------------------------------------
+    # Fast estimates and initialisation.
+
+    def fast_estimate(self, events: pd.DataFrame | None = None, *, maxiter: int = 500):
+        """Per-skill maximum likelihood (what pyBKT's EM computes), by L-BFGS.
+
+        Optimises the logit-scale skill parameters of every skill jointly
+        (the objective is a sum over skills) with the likelihood kernel's
+        exact gradient, under the same constraints as the model (ordered or
+        bounded guess/slip, ``p_transit + p_forget < 1``). Student offsets
+        are not estimated (zero). A joint MAP of the hierarchical model is
+        deliberately not used: it collapses or inflates the population scales.
+
+        Returns
+        -------
+        dict
+            ``logits`` (group -> array over skills), ``params`` (the five
+            natural parameters per skill), ``loglik`` (nats, at the optimum),
+            ``n_eval`` and ``seconds``.
+        """
+        import time
+
+        from scipy.optimize import minimize
+
+        from .likelihood import forward_logp_grad
+
+        if events is not None:
+            self._packed = pack_events(events)
+        if self._packed is None:
+            raise ValueError("no data: pass events or call build_model first")
+        pk = self._packed.packed
+        t0 = time.perf_counter()
+        groups = self.config.groups
+        n_skill = len(self._packed.skills)
+        sk = pk.seq_skill
+        ordered = self.config.guess_slip == "ordered"
+        data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
+        logp = np.empty(pk.n_seqs)
+        grad = np.zeros((5, pk.n_seqs))
+        n_eval = [0]
+        # A weak Normal(0, 3) penalty on the logits keeps skills whose MLE sits
+        # on the boundary (all correct, say) at finite values; it changes the
+        # estimates of skills with data by far less than their uncertainty.
+        ridge = 1.0 / 9.0
+
+        def f(x):
+            n_eval[0] += 1
+            lg = {g: x[i * n_skill : (i + 1) * n_skill] for i, g in enumerate(groups)}
+            nat = natural_params(lg, self.config.guess_slip)
+            pi, ptr, pg, ps = (nat[k][sk] for k in ("p_init", "p_transit", "p_guess", "p_slip"))
+            pf = nat["p_forget"][sk] if self.config.forgetting else None
+            forward_logp_grad(*data, pi, ptr, pg, ps, pf, logp, grad)
+            # Chain rule from natural parameters to the logits, per sequence,
+            # then summed per skill.
+            s_i = _sigmoid(lg["init"])[sk]
+            s_t = _sigmoid(lg["transit"])[sk]
+            d_init = grad[0] * s_i * (1 - s_i)
+            d_tr = grad[1] * s_t * (1 - s_t)
+            s_g = _sigmoid(lg["guess"])[sk]
+            s_d = _sigmoid(lg["slip"])[sk]
+            if ordered:
+                # guess = s_g; slip = (1 - s_g) * (1 - s_d)
+                d_guess = (grad[2] - grad[3] * (1 - s_d)) * s_g * (1 - s_g)
+                d_slip = -grad[3] * (1 - s_g) * s_d * (1 - s_d)
+            else:
+                d_guess = grad[2] * 0.5 * s_g * (1 - s_g)
+                d_slip = grad[3] * 0.5 * s_d * (1 - s_d)
+            parts = [d_init, d_tr, d_guess, d_slip]
+            if self.config.forgetting:
+                s_f = _sigmoid(lg["forget"])[sk]
+                # forget = (1 - transit) * s_f
+                d_tr = d_tr - grad[4] * s_f * s_t * (1 - s_t)
+                parts[1] = d_tr
+                parts.append(grad[4] * (1 - s_t) * s_f * (1 - s_f))
+            g = np.concatenate([np.bincount(sk, weights=d, minlength=n_skill) for d in parts])
+            val = logp.sum() - 0.5 * ridge * float(x @ x)
+            return -val, -(g - ridge * x)
+
+        x0 = np.concatenate([np.full(n_skill, self.prior(f"mu_{g}")["mu"]) for g in groups])
+        res = minimize(
+            f, x0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "gtol": 1e-6}
+        )
+        lg = {g: res.x[i * n_skill : (i + 1) * n_skill] for i, g in enumerate(groups)}
+        nat = natural_params(lg, self.config.guess_slip)
+        f(res.x)
+        out = {
+            "logits": lg,
+            "params": nat,
+            "loglik": float(logp.sum()),
+            "n_eval": n_eval[0],
+            "seconds": time.perf_counter() - t0,
+            "converged": bool(res.success),
+        }
+        self.fit_info["fast_estimate"] = {
+            k: out[k] for k in ("loglik", "n_eval", "seconds", "converged")
+        }
+        return out
+
+    def _initial_points(self, est: dict) -> dict[str, np.ndarray]:
+        """Start values for the sampler from a fast estimate."""
+        cfg = self.config
+        pts: dict[str, np.ndarray] = {}
+        pk = self._packed.packed
+        n_skill = len(self._packed.skills)
+        n_seq = np.bincount(pk.seq_skill, minlength=n_skill)
+        n_obs = np.bincount(pk.seq_skill, weights=pk.seq_len, minlength=n_skill)
+        for g in cfg.groups:
+            x = np.asarray(est["logits"][g], dtype=float)
+            if cfg.pooling == "none":
+                pts[f"{g}_logit"] = x
+                continue
+            w = np.minimum(n_obs / 200.0, 1.0)  # trust well-informed skills more
+            mu = float(np.sum(w * x) / max(w.sum(), 1e-9))
+            sigma = float(max(np.sqrt(np.sum(w * (x - mu) ** 2) / max(w.sum(), 1e-9)), 0.1))
+            cmask = self._centered_mask(g, n_seq, n_obs)
+            # Sparse skills start near the population mean, not at their noisy MLE.
+            x = np.where(n_obs >= 50, x, mu)
+            pts[f"mu_{g}"] = np.asarray(mu)
+            pts[f"sigma_{g}"] = np.asarray(sigma)
+            pts[f"{g}_raw"] = np.where(cmask, x, (x - mu) / sigma)
+        if cfg.student_effects:
+            n_user = len(self._packed.users)
+            pts["sigma_student_init"] = np.asarray(0.3)
+            pts["student_init_z"] = np.zeros(n_user)
+            if cfg.student_effects == "init+transit":
+                pts["sigma_student_transit"] = np.asarray(0.2)
+                pts["student_transit_z"] = np.zeros(n_user)
+        return pts
+
+    # ------------------------------------------------------------------
+    # Fitting.
+
+    def fit(
+        self,
+        events: pd.DataFrame,
+        draws: int = 1000,
+        tune: int = 1000,
+        chains: int = 4,
+        sampler: Literal["nutpie", "pymc"] = "nutpie",
+        random_seed: int | None = None,
+        progressbar: bool = True,
+        init: Literal["fast_estimate", "default"] = "fast_estimate",
+        warn: bool = True,
+    ):
+        """Sample the posterior with NUTS.
+
+        Parameters
+        ----------
+        events : DataFrame
+            Canonical events table.
+        draws, tune, chains : int
+            Posterior draws and tuning steps per chain, number of chains.
+        sampler : {"nutpie", "pymc"}
+            nutpie (compiled in PyTensor's NUMBA mode; default) or PyMC's NUTS.
+        random_seed : int, optional
+            Same seed, same draws.
+        progressbar : bool
+            Show the sampler's progress.
+        init : {"fast_estimate", "default"}
+            Start chains (jittered) from the per-skill maximum likelihood, or
+            from PyMC's default initial point (can stall on real data).
+        warn : bool
+            Emit a :class:`ConvergenceWarning` when diagnostics fail.
+
+        Returns
+        -------
+        xarray.DataTree
+            Groups ``posterior``, ``sample_stats``, ``log_likelihood``
+            (per (user, skill) sequence, for LOO), ``observed_data`` and
+            ``constant_data``.
+        """
+        import time
+
+        model = self.build_model(events)
+        pts = None
+        if init == "fast_estimate":
+            pts = self._initial_points(self.fast_estimate())
+        t0 = time.perf_counter()
+        if sampler == "nutpie":
+            import nutpie
+
+            compiled = nutpie.compile_pymc_model(model, initial_points=pts)
+            t1 = time.perf_counter()
+            idata = nutpie.sample(
+                compiled,
+                draws=draws,
+                tune=tune,
+                chains=chains,
+                seed=random_seed,
+                progress_bar=progressbar,
+            )
+        elif sampler == "pymc":
+            import pymc as pm
+
+            t1 = time.perf_counter()
+            with model:
+                idata = pm.sample(
+                    draws=draws,
+                    tune=tune,
+                    chains=chains,
+                    random_seed=random_seed,
+                    progressbar=progressbar,
+                    initvals=pts,
+                    nuts_sampler="pymc",
+                    compute_convergence_checks=False,
+                )
+        else:
+            raise ValueError(f"sampler must be 'nutpie' or 'pymc', got {sampler!r}")
+        t2 = time.perf_counter()
+        self.fit_info.update(
+            sampler=sampler,
+            draws=draws,
+            tune=tune,
+            chains=chains,
+            random_seed=random_seed,
+            compile_seconds=t1 - t0,
+            sampling_seconds=t2 - t1,
+        )
+        idata = self._complete(idata)
+        self.idata = idata
+        self.diagnostics = self.check_diagnostics(warn=warn)
+        return idata
+
+    def _seq_natural(self, post) -> dict[str, np.ndarray]:
+        """Per-draw, per-sequence natural parameters, shape (n_draws, n_seqs)."""
+        pk = self._packed.packed
+        sk = pk.seq_skill
+
+        def stack(name):
+            da = post[name]
+            return da.stack(sample=("chain", "draw")).transpose("sample", ...).values
+
+        out = {}
+        if self.config.student_effects:
+            init = stack("init_logit")[:, sk] + stack("student_init")[:, pk.seq_user]
+            tr = stack("transit_logit")[:, sk]
+            if self.config.student_effects == "init+transit":
+                tr = tr + stack("student_transit")[:, pk.seq_user]
+            out["p_init"] = _sigmoid(init)
+            out["p_transit"] = _sigmoid(tr)
+            if self.config.forgetting:
+                out["p_forget"] = (1 - out["p_transit"]) * _sigmoid(stack("forget_logit")[:, sk])
+        else:
+            out["p_init"] = stack("p_init")[:, sk]
+            out["p_transit"] = stack("p_transit")[:, sk]
+            if self.config.forgetting:
+                out["p_forget"] = stack("p_forget")[:, sk]
+        out["p_guess"] = stack("p_guess")[:, sk]
+        out["p_slip"] = stack("p_slip")[:, sk]
+        return out
+
+    def _complete(self, idata):
+        """Add log_likelihood, observed_data and constant_data groups."""
+        import xarray as xr
+
+        pe = self._packed
+        pk = pe.packed
+        post = (
+            idata["posterior"].to_dataset()
+            if hasattr(idata["posterior"], "to_dataset")
+            else idata["posterior"]
+        )
+        nat = self._seq_natural(post)
+        n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
+        ll = np.empty((n_chain * n_draw, pk.n_seqs))
+        data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
+        for i in range(ll.shape[0]):
+            forward_logp(
+                *data,
+                nat["p_init"][i],
+                nat["p_transit"][i],
+                nat["p_guess"][i],
+                nat["p_slip"][i],
+                nat["p_forget"][i] if "p_forget" in nat else None,
+                ll[i],
+            )
+        seq_labels = [
+            f"{pe.users[u]}|{pe.skills[s]}" for u, s in zip(pk.seq_user, pk.seq_skill, strict=True)
+        ]
+        ll_ds = xr.Dataset(
+            {"loglik": (("chain", "draw", "sequence"), ll.reshape(n_chain, n_draw, pk.n_seqs))},
+            coords={
+                "chain": post["chain"].values,
+                "draw": post["draw"].values,
+                "sequence": seq_labels,
+            },
+        )
+        obs = xr.Dataset({"correct": (("event",), pe.correct.astype(np.int8))})
+        const = xr.Dataset(
+            {
+                "seq_user": (("sequence",), np.asarray([str(u) for u in pe.users[pk.seq_user]])),
+                "seq_skill": (("sequence",), np.asarray([str(s) for s in pe.skills[pk.seq_skill]])),
+                "seq_len": (("sequence",), pk.seq_len),
+                "seq_correct": (("sequence",), pk.seq_correct),
+            },
+            coords={"sequence": seq_labels},
+        )
+        idata["log_likelihood"] = xr.DataTree(ll_ds)
+        idata["observed_data"] = xr.DataTree(obs)
+        idata["constant_data"] = xr.DataTree(const)
+        return idata
+
+    # ------------------------------------------------------------------
+    # Diagnostics.
+
+    def check_diagnostics(
+        self,
+        idata=None,
+        *,
+        rhat_max: float = 1.01,
+        ess_min: float = 400,
+        warn: bool = True,
+    ) -> dict[str, Any]:
+        """Max R-hat, min bulk/tail ESS, divergences and BFMI of a fit.
+
+        Returns a dict with the figures, the worst parameters and ``ok``;
+        warns (:class:`ConvergenceWarning`) naming the worst parameters when
+        R-hat > ``rhat_max``, ESS < ``ess_min`` or any divergence.
+        """
+        import arviz as az
+
+        idata = self.idata if idata is None else idata
+        post = idata["posterior"]
+        names = [
+            v
+            for v in post.data_vars
+            if not v.endswith("_z") and v != "student_init" and v != "student_transit"
+        ]
+        ds = post.to_dataset()[names] if hasattr(post, "to_dataset") else post[names]
+        rhat = az.rhat(ds)
+        ess_b = az.ess(ds, method="bulk")
+        ess_t = az.ess(ds, method="tail")
+
+        def flat(d):
+            items = []
+            for v in d.data_vars:
+                arr = np.atleast_1d(d[v].values).ravel()
+                labels = _labels(d[v])
+                items += list(zip(labels, arr, strict=True))
+            return items
+
+        r_items = flat(rhat)
+        eb_items = flat(ess_b)
+        et_items = flat(ess_t)
+        stats = idata["sample_stats"]
+        div = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
+        energy = np.asarray(stats["energy"]) if "energy" in stats else None
+        bfmi = None
+        if energy is not None:
+            de = np.diff(energy, axis=1)
+            bfmi = [float(np.mean(d**2) / np.var(e)) for d, e in zip(de, energy, strict=True)]
+        max_r = max(r for _, r in r_items)
+        min_eb = min(e for _, e in eb_items)
+        min_et = min(e for _, e in et_items)
+        worst_r = sorted(r_items, key=lambda x: -x[1])[:5]
+        worst_e = sorted(eb_items, key=lambda x: x[1])[:5]
+        ok = max_r <= rhat_max and min_eb >= ess_min and min_et >= ess_min and div == 0
+        out = {
+            "max_rhat": float(max_r),
+            "min_ess_bulk": float(min_eb),
+            "min_ess_tail": float(min_et),
+            "divergences": div,
+            "bfmi": bfmi,
+            "worst_rhat": [(n, float(r)) for n, r in worst_r],
+            "worst_ess_bulk": [(n, float(e)) for n, e in worst_e],
+            "ok": bool(ok),
+        }
+        if warn and not ok:
+            warnings.warn(
+                f"fit diagnostics fail: max R-hat {max_r:.3f} (worst {worst_r[:3]}), "
+                f"min bulk ESS {min_eb:.0f} (worst {worst_e[:3]}), min tail ESS {min_et:.0f}, "
+                f"{div} divergences",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return out
+
+    # ------------------------------------------------------------------
+    # Export and persistence.
+
+    def export_params(self, *, force: bool = False, n_draws: int = 0, interval_prob: float = 0.94):
+        """The fitted parameters as the serving system's :class:`ParamTable`.
+
+        See :func:`bktbayes.export.export_params`.
+        """
+        from .export import export_params
+
+        return export_params(self, force=force, n_draws=n_draws, interval_prob=interval_prob)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fit to a folder: ``posterior.zarr`` (the DataTree) and ``model.json``."""
+        if self.idata is None:
+            raise ValueError("nothing to save: fit the model first")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.idata.to_zarr(path / "posterior.zarr", mode="w", consolidated=False)
+        meta = {
+            "format": "bktbayes-model",
+            "format_version": 1,
+            "config": asdict(self.config),
+            "fit_info": _jsonable(self.fit_info),
+            "diagnostics": _jsonable(self.diagnostics),
+            "skills": [str(s) for s in self._packed.skills],
+            "users": [str(u) for u in self._packed.users],
+        }
+        (path / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> BKTModel:
+        """Read a fit written by :meth:`save` (no pickle: zarr plus JSON)."""
+        import xarray as xr
+
+        path = Path(path)
+        meta = json.loads((path / "model.json").read_text())
+        if meta.get("format") != "bktbayes-model" or meta.get("format_version") != 1:
+            raise ValueError(f"{path}: not a bktbayes model folder (format_version 1)")
+        cfg = meta["config"]
+        m = cls(**cfg)
+        m.idata = xr.open_datatree(
+            path / "posterior.zarr", engine="zarr", consolidated=False
+        ).load()
+        m.fit_info = meta.get("fit_info", {})
+        m.diagnostics = meta.get("diagnostics")
+        m._saved_skills = meta["skills"]
+        return m
+
+
+def _labels(da) -> list[str]:
+    dims = [d for d in da.dims]
+    if not dims:
+        return [da.name]
+    idx = [da[d].values for d in dims]
+    if len(dims) == 1:
+        return [f"{da.name}[{v}]" for v in idx[0]]
+    import itertools
+
+    return [f"{da.name}[{','.join(map(str, t))}]" for t in itertools.product(*idx)]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x

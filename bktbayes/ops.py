@@ -1,0 +1,229 @@
+"""PyTensor Op over the likelihood kernels, and the plain-scan reference twin.
+
+:class:`BKTLogLik` maps per-sequence natural parameters to per-sequence
+log-likelihoods; its gradient comes from the same numba kernel (forward-mode
+sensitivities, :func:`bktbayes.likelihood.forward_logp_grad`). The numba
+implementation is registered with PyTensor's numba dispatcher, so a graph
+compiled in NUMBA mode (what nutpie uses) calls the kernel directly and never
+falls back to ``perform`` in object mode.
+
+:func:`scan_loglik` is the same forward algorithm written as a plain
+``pytensor.scan`` over padded sequences: slow, simple, and an independent
+reference for the tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+from pytensor.gradient import DisconnectedType, disconnected_type, grad_not_implemented
+from pytensor.graph.basic import Apply
+from pytensor.graph.op import Op
+from pytensor.link.numba.dispatch import basic as numba_basic
+from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
+
+from .likelihood import forward_logp_grad
+from .packing import Packed
+
+__all__ = ["BKTLogLik", "bkt_loglik", "layout_inputs", "scan_loglik"]
+
+# Bump when the kernel's maths or signature changes: it salts PyTensor's cache key.
+_CACHE_VERSION = 1
+_N_DATA = 5  # correct, block_seq, block_ev, step_ptr, step_count
+
+
+class BKTLogLik(Op):
+    """Per-sequence BKT log-likelihood.
+
+    Inputs: the lockstep data (``correct`` uint8, ``block_seq``, ``block_ev``,
+    ``step_ptr`` int64, ``step_count`` int32), then the per-sequence natural
+    parameters ``p_init``, ``p_transit``, ``p_guess``, ``p_slip`` (and
+    ``p_forget`` when ``forgetting``), each a float64 vector in lockstep
+    sequence order.
+
+    Outputs: ``logp`` (n_seqs,) and its derivatives ``grad`` (5, n_seqs)
+    with respect to each sequence's parameters. The pullback multiplies the
+    cotangent of ``logp`` by ``grad``; the data inputs are disconnected.
+    """
+
+    __props__ = ("forgetting",)
+
+    def __init__(self, forgetting: bool = False) -> None:
+        self.forgetting = bool(forgetting)
+
+    def make_node(self, *inputs):
+        n_par = 5 if self.forgetting else 4
+        if len(inputs) != _N_DATA + n_par:
+            raise TypeError(f"BKTLogLik expects {_N_DATA + n_par} inputs, got {len(inputs)}")
+        data = [pt.as_tensor_variable(x) for x in inputs[:_N_DATA]]
+        params = [pt.as_tensor_variable(x).astype("float64") for x in inputs[_N_DATA:]]
+        for x in (*data, *params):
+            if x.ndim != 1:
+                raise TypeError(f"BKTLogLik inputs must be vectors, got {x.type}")
+        outputs = [pt.dvector("logp"), pt.dmatrix("grad")]
+        return Apply(self, [*data, *params], outputs)
+
+    def perform(self, node, inputs, output_storage):
+        correct, bseq, bev, sptr, scount, *params = inputs
+        logp, grad = _run(correct, bseq, bev, sptr, scount, params, self.forgetting)
+        output_storage[0][0] = logp
+        output_storage[1][0] = grad
+
+    def connection_pattern(self, node):
+        return [[False, False]] * _N_DATA + [[True, True]] * (len(node.inputs) - _N_DATA)
+
+    def pullback(self, inputs, outputs, cotangents):
+        g_logp, g_grad = cotangents
+        if not isinstance(g_grad.type, DisconnectedType):
+            # Second derivatives are not implemented (NUTS needs first ones).
+            return [disconnected_type() for _ in range(_N_DATA)] + [
+                grad_not_implemented(self, i, x) for i, x in enumerate(inputs) if i >= _N_DATA
+            ]
+        if isinstance(g_logp.type, DisconnectedType):
+            return [disconnected_type() for _ in inputs]
+        grad = outputs[1]
+        n_par = len(inputs) - _N_DATA
+        return [disconnected_type() for _ in range(_N_DATA)] + [
+            g_logp * grad[k] for k in range(n_par)
+        ]
+
+    def infer_shape(self, node, shapes):
+        n = shapes[_N_DATA][0]
+        return [(n,), (5, n)]
+
+
+def _run(correct, bseq, bev, sptr, scount, params, forgetting):
+    n = params[0].shape[0]
+    logp = np.empty(n)
+    grad = np.zeros((5, n))
+    c = [np.ascontiguousarray(x) for x in (correct, bseq, bev, sptr, scount)]
+    p = [np.ascontiguousarray(x, dtype=np.float64) for x in params]
+    forward_logp_grad(*c, p[0], p[1], p[2], p[3], p[4] if forgetting else None, logp, grad)
+    return logp, grad
+
+
+@register_funcify_default_op_cache_key(BKTLogLik)
+def _numba_funcify_bkt_loglik(op, node=None, **kwargs):
+    kernel = forward_logp_grad
+    if op.forgetting:
+
+        @numba_basic.numba_njit
+        def bkt_loglik_forget(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps, pf):
+            n = pi.shape[0]
+            logp = np.empty(n)
+            grad = np.zeros((5, n))
+            kernel(
+                np.ascontiguousarray(correct),
+                np.ascontiguousarray(bseq),
+                np.ascontiguousarray(bev),
+                np.ascontiguousarray(sptr),
+                np.ascontiguousarray(scount),
+                np.ascontiguousarray(pi),
+                np.ascontiguousarray(pt_),
+                np.ascontiguousarray(pg),
+                np.ascontiguousarray(ps),
+                np.ascontiguousarray(pf),
+                logp,
+                grad,
+            )
+            return logp, grad
+
+        return bkt_loglik_forget, _CACHE_VERSION
+
+    @numba_basic.numba_njit
+    def bkt_loglik(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps):
+        n = pi.shape[0]
+        logp = np.empty(n)
+        grad = np.zeros((5, n))
+        kernel(
+            np.ascontiguousarray(correct),
+            np.ascontiguousarray(bseq),
+            np.ascontiguousarray(bev),
+            np.ascontiguousarray(sptr),
+            np.ascontiguousarray(scount),
+            np.ascontiguousarray(pi),
+            np.ascontiguousarray(pt_),
+            np.ascontiguousarray(pg),
+            np.ascontiguousarray(ps),
+            None,
+            logp,
+            grad,
+        )
+        return logp, grad
+
+    return bkt_loglik, _CACHE_VERSION
+
+
+def layout_inputs(packed: Packed, *, shared: bool = True) -> list:
+    """The five data inputs of :class:`BKTLogLik` for a packed data set.
+
+    Parameters
+    ----------
+    packed : Packed
+        Must carry the responses (``pack_codes(..., correct)``).
+    shared : bool
+        Wrap them as ``pytensor.shared`` variables (keeps compiled graphs
+        cacheable: the data are not baked in as constants).
+    """
+    if packed.lock_correct is None:
+        raise ValueError("packed events carry no responses")
+    arrays = [
+        packed.lock_correct.astype(np.uint8),
+        packed.block_seq.astype(np.int64),
+        packed.block_ev.astype(np.int64),
+        packed.step_ptr.astype(np.int64),
+        packed.step_count.astype(np.int32),
+    ]
+    names = ["bkt_correct", "bkt_block_seq", "bkt_block_ev", "bkt_step_ptr", "bkt_step_count"]
+    if not shared:
+        return arrays
+    return [pytensor.shared(a, name=n, borrow=True) for a, n in zip(arrays, names, strict=True)]
+
+
+def bkt_loglik(data: list, p_init, p_transit, p_guess, p_slip, p_forget=None):
+    """Per-sequence log-likelihood (a PyTensor vector) from per-sequence parameters."""
+    op = BKTLogLik(forgetting=p_forget is not None)
+    params = [p_init, p_transit, p_guess, p_slip] + ([p_forget] if p_forget is not None else [])
+    return op(*data, *params)[0]
+
+
+def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forget=None):
+    """The forward algorithm as a plain ``pytensor.scan`` (the slow twin).
+
+    Parameters
+    ----------
+    correct_padded : int matrix, shape (max_len, n_seqs)
+        Responses, time-major, padded.
+    mask : float matrix, shape (max_len, n_seqs)
+        1 for real responses, 0 for padding.
+    p_init, p_transit, p_guess, p_slip, p_forget : vectors, shape (n_seqs,)
+
+    Returns
+    -------
+    Vector (n_seqs,): per-sequence log-likelihood.
+    """
+    f = pt.zeros_like(p_init) if p_forget is None else p_forget
+
+    def step(y, m, p, q, ll):
+        a = pt.switch(pt.eq(y, 1), 1.0 - p_slip, p_slip)
+        b = pt.switch(pt.eq(y, 1), p_guess, 1.0 - p_guess)
+        lik = p * a + q * b
+        pp = p * a / lik
+        pq = q * b / lik
+        p_new = pp * (1.0 - f) + pq * p_transit
+        q_new = pp * f + pq * (1.0 - p_transit)
+        keep = pt.eq(m, 1)
+        return (
+            pt.switch(keep, p_new, p),
+            pt.switch(keep, q_new, q),
+            ll + m * pt.log(lik),
+        )
+
+    outs = pytensor.scan(
+        step,
+        sequences=[correct_padded, mask],
+        outputs_info=[p_init, 1.0 - p_init, pt.zeros_like(p_init)],
+        return_updates=False,
+    )
+    return outs[2][-1]

@@ -1,0 +1,194 @@
+"""BKTModel: building, fitting with nutpie, diagnostics, export, save/load."""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from bktbayes.export import ExportError
+from bktbayes.models import BKTModel, ConvergenceWarning
+from bktbayes.ops import BKTLogLik
+from bktbayes.params import BKTParams, ParamTable
+from bktbayes.simulate import simulate
+from bktbayes.tracing import replay
+
+
+def _expit(x):
+    return float(1 / (1 + np.exp(-x)))
+
+
+def _truth(n_skills, seed):
+    rng = np.random.default_rng(seed)
+    return ParamTable(
+        {
+            f"s{k}": BKTParams(
+                _expit(rng.normal(-0.85, 0.5)),
+                _expit(rng.normal(-2.0, 0.5)),
+                _expit(rng.normal(-1.4, 0.4)),
+                float(0.1 * np.exp(rng.normal(0, 0.3))),
+            )
+            for k in range(n_skills)
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def sim():
+    truth = _truth(8, 0)
+    return truth, simulate(truth, 250, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fitted(sim):
+    _, df = sim
+    model = BKTModel()
+    idata = model.fit(df, draws=500, tune=500, chains=2, random_seed=7, progressbar=False)
+    return model, idata
+
+
+def test_public_entry_point_is_lazy():
+    code = (
+        "import sys\n"
+        "import bktbayes.tracing\n"
+        "assert 'pymc' not in sys.modules\n"
+        "from bktbayes import BKTModel\n"
+        "assert 'pymc' not in sys.modules  # loaded when a model is built\n"
+        "print(BKTModel.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "BKTModel"
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="pooling"):
+        BKTModel(pooling="partial")
+    with pytest.raises(ValueError, match="student_effects"):
+        BKTModel(student_effects="items")
+    with pytest.raises(ValueError, match="unknown prior"):
+        BKTModel(priors={"mu_nothing": {"mu": 0}})
+
+
+def test_build_model_coords_and_prior_predictive(sim):
+    import pymc as pm
+
+    _, df = sim
+    model = BKTModel(forgetting=True, student_effects="init").build_model(df)
+    assert list(model.coords["skill"]) == sorted(df["skill"].unique())
+    assert len(model.coords["user"]) == df["user_id"].nunique()
+    with model, pytest.warns(UserWarning, match="Potentials"):
+        prior = pm.sample_prior_predictive(draws=50, random_seed=1)
+    p = prior["prior"]["p_slip"].values
+    g = prior["prior"]["p_guess"].values
+    assert np.all(g + p < 1)  # ordered guess/slip by construction
+    t = prior["prior"]["p_transit"].values
+    f = prior["prior"]["p_forget"].values
+    assert np.all(t + f < 1)
+
+
+def test_fast_estimate_is_fast_and_beats_the_prior_mean(sim):
+    _, df = sim
+    m = BKTModel()
+    est = m.fast_estimate(df)
+    assert est["converged"]
+    # The optimum is better than the seed defaults by far.
+    base = replay(df, BKTParams())
+    y = df["correct"].to_numpy()
+    ll_default = float(np.sum(np.log(np.where(y == 1, base.p_correct, 1 - base.p_correct))))
+    assert est["loglik"] > ll_default + 100
+
+
+@pytest.mark.slow
+def test_fit_recovers_parameters_and_converges(sim, fitted):
+    truth, _ = sim
+    model, idata = fitted
+    for group in ("posterior", "sample_stats", "log_likelihood", "observed_data", "constant_data"):
+        assert group in idata.children
+    d = model.diagnostics
+    assert d["ok"], d
+    assert d["max_rhat"] <= 1.01 and d["divergences"] == 0
+    post = idata["posterior"]
+    covered = total = 0
+    for name in ("p_init", "p_transit", "p_guess", "p_slip"):
+        draws = post[name].stack(s=("chain", "draw")).transpose("skill", "s").values
+        skills = [str(s) for s in post[name]["skill"].values]
+        lo, hi = np.quantile(draws, [0.05, 0.95], axis=1)
+        for i, s in enumerate(skills):
+            total += 1
+            covered += lo[i] <= getattr(truth[s], name) <= hi[i]
+    # 90% intervals on 32 parameters: expected 28.8 covered (sd 1.7); the
+    # issue's bar is 80%.
+    assert covered / total >= 0.8, (covered, total)
+
+
+@pytest.mark.slow
+def test_perform_is_never_called_while_nutpie_samples(sim, monkeypatch):
+    _, df = sim
+
+    def boom(*args, **kwargs):
+        raise AssertionError("object-mode fallback: BKTLogLik.perform called")
+
+    monkeypatch.setattr(BKTLogLik, "perform", boom)
+    m = BKTModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        idata = m.fit(df.iloc[:3000], draws=30, tune=30, chains=1, random_seed=1, progressbar=False)
+    assert idata["posterior"].sizes["draw"] == 30
+
+
+@pytest.mark.slow
+def test_export_round_trip_into_the_tracer(fitted, sim, tmp_path):
+    _, df = sim
+    model, idata = fitted
+    table = model.export_params()
+    path = table.to_json(tmp_path / "params.json")
+    back = ParamTable.from_json(path)
+    assert back == table
+    assert back.metadata["forced"] is False
+    assert back.metadata["config"]["pooling"] == "hierarchical"
+    post = idata["posterior"]
+    for s in back:
+        assert back[s].p_init == pytest.approx(float(post["p_init"].sel(skill=s).mean()), abs=1e-12)
+        assert back.stats[s].n_obs == int((df["skill"] == s).sum())
+    # Filtering with the exported table equals filtering with posterior means.
+    means = {
+        s: BKTParams(
+            *(
+                float(post[k].sel(skill=s).mean())
+                for k in ("p_init", "p_transit", "p_guess", "p_slip")
+            )
+        )
+        for s in back
+    }
+    a = replay(df, back)
+    b = replay(df, means)
+    np.testing.assert_allclose(a.p_mastery, b.p_mastery, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_export_refuses_failing_diagnostics_unless_forced(fitted):
+    model, _ = fitted
+    saved = model.diagnostics
+    try:
+        model.diagnostics = dict(saved, max_rhat=1.2, ok=False)
+        with pytest.raises(ExportError, match="R-hat 1.200"):
+            model.export_params()
+        table = model.export_params(force=True)
+        assert table.metadata["forced"] is True
+    finally:
+        model.diagnostics = saved
+
+
+@pytest.mark.slow
+def test_save_and_load(fitted, tmp_path):
+    model, idata = fitted
+    path = model.save(tmp_path / "fit")
+    assert not list(path.rglob("*.pkl")) and not list(path.rglob("*.pickle"))
+    back = BKTModel.load(path)
+    assert back.config == model.config
+    np.testing.assert_array_equal(
+        back.idata["posterior"]["p_init"].values, idata["posterior"]["p_init"].values
+    )
+    assert back.export_params().to_dict()["skills"] == model.export_params().to_dict()["skills"]

@@ -1,0 +1,91 @@
+"""The PyTensor Op: value and gradient against the scan twin, verify_grad,
+NUMBA-mode compilation without the Python fallback."""
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+import pytest
+from pytensor.gradient import verify_grad
+
+from bktbayes.ops import BKTLogLik, bkt_loglik, layout_inputs, scan_loglik
+from bktbayes.packing import pack_codes
+
+
+@pytest.fixture(scope="module")
+def packed():
+    rng = np.random.default_rng(0)
+    n = 2500
+    user = rng.integers(0, 80, n)
+    skill = rng.integers(0, 3, n)
+    correct = rng.integers(0, 2, n).astype(np.uint8)
+    return pack_codes(user, skill, rng.permutation(n), correct), correct
+
+
+def _padded(pk, correct):
+    L = int(pk.seq_len.max())
+    y = np.zeros((L, pk.n_seqs), dtype=np.int64)
+    m = np.zeros((L, pk.n_seqs))
+    for q in range(pk.n_seqs):
+        rows = pk.csr_row[pk.seq_start[q] : pk.seq_start[q] + pk.seq_len[q]]
+        y[: len(rows), q] = correct[rows]
+        m[: len(rows), q] = 1.0
+    return y, m
+
+
+def _nat(x, forgetting):
+    p = pt.sigmoid(x)
+    f = (1 - p[1]) * p[4] if forgetting else None
+    return p[0], p[1], p[2] * 0.5, p[3] * 0.5, f
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_op_matches_scan_twin_value_and_gradient(packed, forgetting):
+    pk, correct = packed
+    x = pt.dmatrix("x")
+    data = layout_inputs(pk)
+    total = bkt_loglik(data, *_nat(x, forgetting)).sum()
+    f = pytensor.function([x], [total, pytensor.grad(total, x)], mode="NUMBA")
+    y, m = _padded(pk, correct)
+    twin = scan_loglik(pt.as_tensor(y), pt.as_tensor(m), *_nat(x, forgetting)).sum()
+    g = pytensor.function([x], [twin, pytensor.grad(twin, x)])
+    xv = np.random.default_rng(1).normal(-1, 0.7, (5, pk.n_seqs))
+    v1, g1 = f(xv)
+    v2, g2 = g(xv)
+    assert v1 == pytest.approx(v2, rel=1e-12)
+    np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-10)
+
+
+def test_verify_grad(packed):
+    pk, _ = packed
+    data = layout_inputs(pk)
+    xv = np.random.default_rng(2).normal(-1, 0.5, (5, pk.n_seqs))
+    verify_grad(
+        lambda x: bkt_loglik(data, *_nat(x, True)).sum(),
+        [xv],
+        rng=np.random.default_rng(3),
+        mode="NUMBA",
+    )
+
+
+def test_numba_mode_never_calls_perform(packed, monkeypatch):
+    pk, _ = packed
+
+    def boom(*args, **kwargs):
+        raise AssertionError("BKTLogLik.perform called: the numba registration was bypassed")
+
+    monkeypatch.setattr(BKTLogLik, "perform", boom)
+    x = pt.dmatrix("x")
+    total = bkt_loglik(layout_inputs(pk), *_nat(x, False)).sum()
+    f = pytensor.function([x], [total, pytensor.grad(total, x)], mode="NUMBA")
+    v, _ = f(np.zeros((5, pk.n_seqs)))
+    assert np.isfinite(v)
+
+
+def test_data_inputs_are_disconnected(packed):
+    pk, _ = packed
+    op = BKTLogLik(False)
+    node = op.make_node(*layout_inputs(pk, shared=False), *([np.full(pk.n_seqs, 0.2)] * 4))
+    pattern = op.connection_pattern(node)
+    assert pattern[:5] == [[False, False]] * 5
+    assert all(p == [True, True] for p in pattern[5:])
+    assert BKTLogLik(True) != BKTLogLik(False) and BKTLogLik(True) == BKTLogLik(True)
