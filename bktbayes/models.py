@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from .data import PackedEvents, pack_events
-from .likelihood import forward_logp
+from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp
 
 __all__ = [
     "CENTERED_MIN_OBS",
@@ -212,6 +212,9 @@ class BKTModel:
         self._packed: PackedEvents | None = None
         self.diagnostics: dict[str, Any] | None = None
         self.fit_info: dict[str, Any] = {}
+        # "kernel" (the numba Op) or "scan" (the slow pytensor.scan twin, for
+        # benchmarks and tests only).
+        self._likelihood = "kernel"
 
     def __repr__(self) -> str:
         c = self.config
@@ -250,9 +253,9 @@ class BKTModel:
         import pymc as pm
         import pytensor.tensor as pt
 
-        from .ops import bkt_loglik, layout_inputs
+        from .ops import bkt_loglik, layout_inputs, scan_loglik
 
-        pe = pack_events(events)
+        pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
         pk = pe.packed
         cfg = self.config
@@ -327,8 +330,13 @@ class BKTModel:
                 pi_seq = p_init_s[seq_skill]
                 pt_seq = p_tr_s[seq_skill]
                 f_seq = f_s[seq_skill] if cfg.forgetting else None
-            data = layout_inputs(pk)
-            ll = bkt_loglik(data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq)
+            if self._likelihood == "scan":
+                ll = scan_loglik(
+                    *_padded(pk), pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
+                )
+            else:
+                data = layout_inputs(pk)
+                ll = bkt_loglik(data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq)
             pm.Potential("loglik", ll.sum())
         self.model = model
         return model
@@ -360,7 +368,7 @@ class BKTModel:
         from .likelihood import forward_logp_grad
 
         if events is not None:
-            self._packed = pack_events(events)
+            self._packed = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         if self._packed is None:
             raise ValueError("no data: pass events or call build_model first")
         pk = self._packed.packed
@@ -411,10 +419,25 @@ class BKTModel:
             val = logp.sum() - 0.5 * ridge * float(x @ x)
             return -val, -(g - ridge * x)
 
+        # Precondition: the curvature of a skill's log-likelihood grows with its
+        # number of responses, so optimise x * sqrt(n_obs); L-BFGS then sees
+        # comparable scales across skills and needs far fewer evaluations.
+        n_obs = np.bincount(sk, weights=pk.seq_len, minlength=n_skill)
+        scale = np.tile(np.sqrt(n_obs + 10.0), len(groups))
+
+        def f_scaled(z):
+            v, g = f(z / scale)
+            return v, g / scale
+
         x0 = np.concatenate([np.full(n_skill, self.prior(f"mu_{g}")["mu"]) for g in groups])
         res = minimize(
-            f, x0, jac=True, method="L-BFGS-B", options={"maxiter": maxiter, "gtol": 1e-6}
+            f_scaled,
+            x0 * scale,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": maxiter, "ftol": 1e-10, "gtol": 1e-5},
         )
+        res.x = res.x / scale
         lg = {g: res.x[i * n_skill : (i + 1) * n_skill] for i, g in enumerate(groups)}
         nat = natural_params(lg, self.config.guess_slip)
         f(res.x)
@@ -759,6 +782,20 @@ class BKTModel:
         m.diagnostics = meta.get("diagnostics")
         m._saved_skills = meta["skills"]
         return m
+
+
+def _padded(pk) -> tuple[np.ndarray, np.ndarray]:
+    """Time-major padded responses and mask for the scan twin."""
+    length = int(pk.seq_len.max()) if pk.n_seqs else 0
+    y = np.zeros((length, pk.n_seqs), dtype=np.int64)
+    m = np.zeros((length, pk.n_seqs))
+    correct = np.empty(pk.n_events, dtype=np.int64)
+    correct[pk.lock_row] = pk.lock_correct
+    for q in range(pk.n_seqs):
+        rows = pk.csr_row[pk.seq_start[q] : pk.seq_start[q] + pk.seq_len[q]]
+        y[: rows.size, q] = correct[rows]
+        m[: rows.size, q] = 1.0
+    return y, m
 
 
 def _labels(da) -> list[str]:

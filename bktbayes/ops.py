@@ -23,7 +23,7 @@ from pytensor.graph.op import Op
 from pytensor.link.numba.dispatch import basic as numba_basic
 from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
 
-from .likelihood import forward_logp_grad
+from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp_grad
 from .packing import Packed
 
 __all__ = ["BKTLogLik", "bkt_loglik", "layout_inputs", "scan_loglik"]
@@ -168,6 +168,11 @@ def layout_inputs(packed: Packed, *, shared: bool = True) -> list:
     """
     if packed.lock_correct is None:
         raise ValueError("packed events carry no responses")
+    if packed.block_size > LIKELIHOOD_BLOCK_SIZE:
+        raise ValueError(
+            f"pack with block_size <= {LIKELIHOOD_BLOCK_SIZE} for the likelihood kernel "
+            f"(got {packed.block_size})"
+        )
     arrays = [
         packed.lock_correct.astype(np.uint8),
         packed.block_seq.astype(np.int64),
@@ -203,16 +208,18 @@ def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forg
     -------
     Vector (n_seqs,): per-sequence log-likelihood.
     """
+    correct_padded = pt.as_tensor_variable(correct_padded)
+    mask = pt.as_tensor_variable(mask)
     f = pt.zeros_like(p_init) if p_forget is None else p_forget
 
-    def step(y, m, p, q, ll):
-        a = pt.switch(pt.eq(y, 1), 1.0 - p_slip, p_slip)
-        b = pt.switch(pt.eq(y, 1), p_guess, 1.0 - p_guess)
+    def step(y, m, p, q, ll, slip, guess, transit, forget):
+        a = pt.switch(pt.eq(y, 1), 1.0 - slip, slip)
+        b = pt.switch(pt.eq(y, 1), guess, 1.0 - guess)
         lik = p * a + q * b
         pp = p * a / lik
         pq = q * b / lik
-        p_new = pp * (1.0 - f) + pq * p_transit
-        q_new = pp * f + pq * (1.0 - p_transit)
+        p_new = pp * (1.0 - forget) + pq * transit
+        q_new = pp * forget + pq * (1.0 - transit)
         keep = pt.eq(m, 1)
         return (
             pt.switch(keep, p_new, p),
@@ -224,6 +231,7 @@ def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forg
         step,
         sequences=[correct_padded, mask],
         outputs_info=[p_init, 1.0 - p_init, pt.zeros_like(p_init)],
+        non_sequences=[p_slip, p_guess, p_transit, f],
         return_updates=False,
     )
     return outs[2][-1]

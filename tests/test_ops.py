@@ -7,6 +7,7 @@ import pytensor.tensor as pt
 import pytest
 from pytensor.gradient import verify_grad
 
+from bktbayes.likelihood import LIKELIHOOD_BLOCK_SIZE
 from bktbayes.ops import BKTLogLik, bkt_loglik, layout_inputs, scan_loglik
 from bktbayes.packing import pack_codes
 
@@ -18,7 +19,8 @@ def packed():
     user = rng.integers(0, 80, n)
     skill = rng.integers(0, 3, n)
     correct = rng.integers(0, 2, n).astype(np.uint8)
-    return pack_codes(user, skill, rng.permutation(n), correct), correct
+    pk = pack_codes(user, skill, rng.permutation(n), correct, block_size=LIKELIHOOD_BLOCK_SIZE)
+    return pk, correct
 
 
 def _padded(pk, correct):
