@@ -53,8 +53,9 @@ def export_params(
     force : bool
         Export even if the diagnostics fail; recorded as ``metadata.forced``.
     n_draws : int
-        Reserved for exporting thinned posterior draws (not yet supported:
-        must be 0).
+        Also export this many posterior draws (evenly thinned) of every
+        skill's and the default's parameters, so the tracer can report
+        credible intervals of P(mastery) (``replay(..., interval=0.9)``).
     interval_prob : float
         Probability of the central interval stored per parameter.
 
@@ -66,8 +67,8 @@ def export_params(
 
     if model.idata is None:
         raise ExportError("the model has not been fitted")
-    if n_draws:
-        raise NotImplementedError("exporting posterior draws is not implemented yet")
+    if n_draws < 0 or n_draws == 1:
+        raise ValueError("n_draws must be 0 (none) or at least 2")
     diag = model.diagnostics or model.check_diagnostics(warn=False)
     failing = diag["max_rhat"] > 1.01 or diag["divergences"] > 0
     if failing and not force:
@@ -119,6 +120,31 @@ def export_params(
             }
         )
         default_source = "mean over skills of the per-skill posterior means (pooling='none')"
+    n_total = draws["p_init"].shape[0]
+    draws_doc = None
+    if n_draws:
+        idx = np.linspace(0, n_total - 1, min(n_draws, n_total)).round().astype(int)
+        if cfg.pooling == "hierarchical":
+            dflt = {k: np.asarray(nat[k])[idx] for k in PARAM_NAMES}
+        else:
+            dflt = {k: draws[k][idx].mean(axis=1) for k in PARAM_NAMES}
+        draws_doc = {
+            "n": len(idx),
+            "default": {k: [float(v) for v in dflt[k]] for k in PARAM_NAMES},
+            "skills": {
+                s: {k: [float(v) for v in draws[k][idx, i]] for k in PARAM_NAMES}
+                for i, s in enumerate(skills)
+            },
+        }
+    students = None
+    if cfg.student_effects:
+        students = {}
+        for kind in ("init", "transit"):
+            name = f"student_{kind}"
+            if name in post:
+                mean = post[name].mean(("chain", "draw"))
+                users = [str(u) for u in mean["user"].values]
+                students[kind] = {u: float(v) for u, v in zip(users, mean.values, strict=True)}
     metadata: dict[str, Any] = {
         "config": asdict(cfg),
         "diagnostics": _plain(diag),
@@ -129,8 +155,19 @@ def export_params(
         "n_observations": int(seq_len.sum()),
         "n_sequences": len(seq_len),
     }
+    metadata["students"] = (
+        "posterior-mean logit offsets for the students in the fit; new students get 0"
+        if students
+        else None
+    )
     return ParamTable(
-        table_skills, default, stats=stats, model="bktbayes.BKTModel", metadata=metadata
+        table_skills,
+        default,
+        stats=stats,
+        model="bktbayes.BKTModel",
+        metadata=metadata,
+        students=students,
+        draws=draws_doc,
     )
 
 

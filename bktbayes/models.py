@@ -499,6 +499,7 @@ class BKTModel:
         progressbar: bool = True,
         init: Literal["fast_estimate", "default"] = "fast_estimate",
         warn: bool = True,
+        adaptation: str = "diag",
     ):
         """Sample the posterior with NUTS.
 
@@ -537,6 +538,9 @@ class BKTModel:
         if sampler == "nutpie":
             import nutpie
 
+            # nutpie jitters every start value by U(-1, 1) on the unconstrained
+            # scale around the fast estimate. (Restricting the jitter to some
+            # variables made nutpie 0.16 reject every initial point here.)
             compiled = nutpie.compile_pymc_model(model, initial_points=pts)
             t1 = time.perf_counter()
             idata = nutpie.sample(
@@ -546,6 +550,7 @@ class BKTModel:
                 chains=chains,
                 seed=random_seed,
                 progress_bar=progressbar,
+                adaptation=adaptation,
             )
         elif sampler == "pymc":
             import pymc as pm

@@ -3,10 +3,11 @@
 This module imports only the standard library so that the serving tracer
 (:mod:`bktbayes.tracing`) can use it without pulling in the research stack.
 
-JSON schema, version 1::
+JSON schema, version 2 (version 1 is the same without ``students`` and
+``draws``, and is still read)::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "model": "seed-defaults",                 # what produced the table
       "created": "2026-11-25T19:40:00+00:00",   # ISO 8601
       "default": {"p_init": 0.3, "p_transit": 0.09, "p_guess": 0.2,
@@ -19,6 +20,9 @@ JSON schema, version 1::
           "interval_prob": 0.94, "n_obs": 1234, "n_sequences": 87
         }
       },
+      "students": null | {"init": {user: logit offset}, "transit": {...}},
+      "draws": null | {"n": 100, "default": {"p_init": [100 values], ...},
+                       "skills": {skill: {"p_init": [...], ...}}},
       "metadata": {...free-form...}
     }
 
@@ -53,7 +57,9 @@ __all__ = [
 PARAM_NAMES: tuple[str, ...] = ("p_init", "p_transit", "p_guess", "p_slip", "p_forget")
 
 #: Version written by :meth:`ParamTable.to_json`; the loader reads every version up to it.
-SCHEMA_VERSION = 1
+#: Version 2 adds ``students`` (per-student logit offsets) and ``draws``
+#: (thinned posterior draws of every skill's and the default's parameters).
+SCHEMA_VERSION = 2
 
 
 class BKTInputError(ValueError):
@@ -264,6 +270,8 @@ class ParamTable(Mapping[str, BKTParams]):
         model: str = "seed-defaults",
         created: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        students: Mapping[str, Mapping[Any, float]] | None = None,
+        draws: Mapping[str, Any] | None = None,
     ) -> None:
         self._skills: dict[str, BKTParams] = {}
         for k, v in (skills or {}).items():
@@ -280,6 +288,12 @@ class ParamTable(Mapping[str, BKTParams]):
         self.model = str(model)
         self.created = created or datetime.now(UTC).isoformat(timespec="seconds")
         self.metadata: dict[str, Any] = dict(metadata or {})
+        self.students: dict[str, dict[str, float]] | None = (
+            _check_students(students, "students") if students is not None else None
+        )
+        self.draws: dict[str, Any] | None = (
+            _check_draws(draws, set(self._skills), "draws") if draws is not None else None
+        )
 
     # Mapping protocol -------------------------------------------------
     def __getitem__(self, skill: Any) -> BKTParams:
@@ -314,9 +328,38 @@ class ParamTable(Mapping[str, BKTParams]):
         p = self._skills.get(str(skill))
         return (p, True) if p is not None else (self.default, False)
 
-    def params_for(self, skill: Any) -> BKTParams:
-        """Parameters for ``skill``, the population default if unseen."""
-        return self.lookup(skill)[0]
+    def params_for(self, skill: Any, user: Any = None) -> BKTParams:
+        """Parameters for ``skill`` (the population default if unseen).
+
+        With ``user`` and student offsets in the table, the student's logit
+        offsets are added to ``p_init`` and ``p_transit`` (a student the fit
+        never saw gets offset 0, the population mean); ``p_forget`` keeps its
+        share of ``1 - p_transit``, as in the model.
+        """
+        p = self.lookup(skill)[0]
+        if user is None or not self.students:
+            return p
+        oi = self.students.get("init", {}).get(str(user), 0.0)
+        ot = self.students.get("transit", {}).get(str(user), 0.0)
+        if oi == 0.0 and ot == 0.0:
+            return p
+        pi = _expit(_logit(p.p_init) + oi)
+        pt = _expit(_logit(p.p_transit) + ot)
+        pf = p.p_forget * (1.0 - pt) / (1.0 - p.p_transit)
+        return BKTParams(pi, pt, p.p_guess, p.p_slip, pf)
+
+    @property
+    def n_draws(self) -> int:
+        """Number of posterior draws carried (0 when none)."""
+        return 0 if not self.draws else int(self.draws["n"])
+
+    def draw_matrix(self, skill: Any) -> Any:
+        """Posterior draws of ``skill`` as a list of five equal-length lists
+        (the default's draws for an unseen skill); None without draws."""
+        if not self.draws:
+            return None
+        d = self.draws["skills"].get(str(skill), self.draws["default"])
+        return [d[name] for name in PARAM_NAMES]
 
     # Serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -333,6 +376,8 @@ class ParamTable(Mapping[str, BKTParams]):
             "created": self.created,
             "default": self.default.to_dict(),
             "skills": skills,
+            "students": self.students,
+            "draws": self.draws,
             "metadata": self.metadata,
         }
 
@@ -388,8 +433,99 @@ def _reject_constant(name: str) -> float:
     raise ParamFileError(f"non-finite number {name} is not allowed")
 
 
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _expit(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _check_students(obj: Any, where: str) -> dict[str, dict[str, float]]:
+    if not isinstance(obj, Mapping):
+        raise ParamFileError(f"{where}: expected an object with 'init' and/or 'transit'")
+    extra = sorted(set(obj) - {"init", "transit"})
+    if extra:
+        raise ParamFileError(f"{where}: unknown field(s) {extra}")
+    out: dict[str, dict[str, float]] = {}
+    for kind, offsets in obj.items():
+        if not isinstance(offsets, Mapping):
+            raise ParamFileError(f"{where}.{kind}: expected an object user -> logit offset")
+        vals = {}
+        for user, v in offsets.items():
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ParamFileError(
+                    f"{where}.{kind}[{user!r}]: must be a finite number, got {v!r}"
+                )
+            vals[str(user)] = float(v)
+        out[kind] = vals
+    return out
+
+
+def _check_draws(obj: Any, skills: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ParamFileError(f"{where}: expected an object with n, default and skills")
+    missing = sorted({"n", "default", "skills"} - set(obj))
+    extra = sorted(set(obj) - {"n", "default", "skills"})
+    if missing:
+        raise ParamFileError(f"{where}: missing field(s) {missing}")
+    if extra:
+        raise ParamFileError(f"{where}: unknown field(s) {extra}")
+    n = obj["n"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ParamFileError(f"{where}.n: must be an integer >= 2, got {n!r}")
+
+    def one(d: Any, w: str) -> dict[str, list[float]]:
+        if not isinstance(d, Mapping):
+            raise ParamFileError(f"{w}: expected an object of five lists")
+        miss = [k for k in PARAM_NAMES if k not in d]
+        ext = sorted(set(d) - set(PARAM_NAMES))
+        if miss:
+            raise ParamFileError(f"{w}: missing field(s) {miss}")
+        if ext:
+            raise ParamFileError(f"{w}: unknown field(s) {ext}")
+        cols = {}
+        for k in PARAM_NAMES:
+            col = d[k]
+            if not isinstance(col, list) or len(col) != n:
+                raise ParamFileError(f"{w}.{k}: expected a list of {n} numbers")
+            cols[k] = [float(v) for v in col]
+        for i in range(n):
+            try:
+                BKTParams(*(cols[k][i] for k in PARAM_NAMES))
+            except (ValueError, TypeError) as e:
+                raise ParamFileError(f"{w}, draw {i}: {e}") from None
+        return cols
+
+    out_skills = {}
+    for code, d in obj["skills"].items():
+        if str(code) not in skills:
+            raise ParamFileError(f"{where}.skills: skill {code!r} is not in the table")
+        out_skills[str(code)] = one(d, f"{where}.skills[{code!r}]")
+    return {"n": n, "default": one(obj["default"], f"{where}.default"), "skills": out_skills}
+
+
 def _parse_v1(doc: Mapping[str, Any]) -> ParamTable:
-    required = {"schema_version", "model", "created", "default", "skills", "metadata"}
+    return _parse(doc, {"schema_version", "model", "created", "default", "skills", "metadata"})
+
+
+def _parse_v2(doc: Mapping[str, Any]) -> ParamTable:
+    return _parse(
+        doc,
+        {
+            "schema_version",
+            "model",
+            "created",
+            "default",
+            "skills",
+            "students",
+            "draws",
+            "metadata",
+        },
+    )
+
+
+def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
     missing = sorted(required - set(doc))
     extra = sorted(set(doc) - required)
     if missing:
@@ -425,14 +561,21 @@ def _parse_v1(doc: Mapping[str, Any]) -> ParamTable:
         s = SkillStats.from_dict(entry, where=where)
         if s.to_dict():
             stats[code] = s
-    return ParamTable(
-        skills,
-        default,
-        stats=stats,
-        model=doc["model"],
-        created=created,
-        metadata=dict(doc["metadata"]),
-    )
+    students = doc.get("students")
+    draws = doc.get("draws")
+    try:
+        return ParamTable(
+            skills,
+            default,
+            stats=stats,
+            model=doc["model"],
+            created=created,
+            metadata=dict(doc["metadata"]),
+            students=students,
+            draws=draws,
+        )
+    except ParamFileError as e:
+        raise ParamFileError(f"parameter file: {e}") from None
 
 
-_PARSERS = {1: _parse_v1}
+_PARSERS = {1: _parse_v1, 2: _parse_v2}

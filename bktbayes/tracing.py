@@ -571,6 +571,7 @@ def replay(
     needs_focus: float = NEEDS_FOCUS_THRESHOLD,
     block_size: int = DEFAULT_BLOCK_SIZE,
     threads: int | None = None,
+    interval: float | None = None,
 ) -> ReplayResult:
     """Replay event histories through the BKT filter (background recalculation).
 
@@ -597,6 +598,16 @@ def replay(
     threads : int, optional
         Threads for sorting and scattering (default: numba's thread count;
         ``1`` for strictly one core). Results are identical for any value.
+    interval : float, optional
+        With a table that carries posterior draws (schema 2), also replay each
+        draw and add, per (user, skill), the central ``interval`` bounds of
+        the final P(mastery) (``p_mastery_lower``/``p_mastery_upper``) and the
+        posterior probability that it exceeds the mastered threshold
+        (``p_mastered``): "mastered with 90% credibility" is
+        ``p_mastered >= 0.9``. Costs one replay per draw.
+
+    A table with student offsets (schema 2) applies them to the students it
+    knows; others get the population mean (offset 0).
 
     Returns
     -------
@@ -648,7 +659,31 @@ def replay(
         mastered=mastered,
         needs_focus=needs_focus,
         threads=threads,
+        interval=interval,
     )
+
+
+def _student_adjust(
+    seq_p: np.ndarray, users: np.ndarray, students: Mapping[str, Mapping[str, float]] | None
+) -> np.ndarray:
+    """Apply per-student logit offsets to per-sequence parameters (n_seqs, 5)."""
+    if not students:
+        return seq_p
+    out = seq_p.copy()
+    keys = np.array([str(u) for u in users], dtype=object)
+    for col, kind in ((0, "init"), (1, "transit")):
+        table = students.get(kind)
+        if not table:
+            continue
+        off = np.array([table.get(k, 0.0) for k in keys])
+        x = np.log(out[:, col]) - np.log1p(-out[:, col]) + off
+        # Leave students without an offset bit-for-bit at the skill's value.
+        new = np.where(off != 0.0, 1.0 / (1.0 + np.exp(-x)), out[:, col])
+        if col == 1:
+            # p_forget keeps its share of 1 - p_transit, as in the model.
+            out[:, 4] = out[:, 4] * (1.0 - new) / (1.0 - seq_p[:, 1])
+        out[:, col] = new
+    return out
 
 
 def replay_packed(
@@ -661,6 +696,7 @@ def replay_packed(
     mastered: float = MASTERED_THRESHOLD,
     needs_focus: float = NEEDS_FOCUS_THRESHOLD,
     threads: int | None = None,
+    interval: float | None = None,
 ) -> ReplayResult:
     """:func:`replay` on events already packed (see :func:`bktbayes.packing.pack_codes`).
 
@@ -670,57 +706,75 @@ def replay_packed(
     """
     if packed.lock_correct is None or packed.seq_correct is None:
         raise ValueError("packed events carry no responses: pack them with correct=")
+    if not isinstance(params, (ParamTable, BKTParams)):
+        params = ParamTable(params)
     used_skills = np.flatnonzero(np.bincount(packed.seq_skill, minlength=len(skill_values)))
     mat_used, known_used = _param_arrays(params, [skill_values[i] for i in used_skills])
     mat = np.zeros((len(skill_values), 5))
     known = np.ones(len(skill_values), dtype=bool)
     mat[used_skills] = mat_used
     known[used_skills] = known_used
-    seq_p = mat[packed.seq_skill]  # (n_seqs, 5)
-    p0, pt, pg, ps, pf = (np.ascontiguousarray(seq_p[:, i]) for i in range(5))
-    obs = packed.lock_correct
-    pred = np.empty(packed.n_events)
-    mast = np.empty(packed.n_events)
-    final = np.empty(packed.n_seqs)
-    args = (
-        packed.block_seq,
-        packed.block_ev,
-        packed.step_ptr,
-        packed.step_count,
-        p0,
-        pt,
-        pg,
-        ps,
-        pf,
-        pred,
-        mast,
-        final,
-    )
-    if batch is None:
-        lockstep_filter(obs, *args)
-    else:
-        lock_pos = _inverse_perm(packed.lock_row)
-        flags = _batch_boundaries(
-            np.ascontiguousarray(batch), packed.csr_row, packed.seq_start, packed.seq_len, lock_pos
-        )
-        lockstep_filter_batched(obs, flags, *args, CLAMP_LOW, CLAMP_HIGH)
-    final = np.clip(final, CLAMP_LOW, CLAMP_HIGH)
     skill_values = (
         np.asarray(skill_values, dtype=object)
         if not isinstance(skill_values, np.ndarray)
         else skill_values
     )
     user_values = (
-        np.asarray(user_values) if not isinstance(user_values, np.ndarray) else (user_values)
+        np.asarray(user_values) if not isinstance(user_values, np.ndarray) else user_values
     )
+    students = params.students if isinstance(params, ParamTable) else None
+    seq_users = user_values[packed.seq_user]
+    seq_p = _student_adjust(mat[packed.seq_skill], seq_users, students)
+    obs = packed.lock_correct
+    pred = np.empty(packed.n_events)
+    mast = np.empty(packed.n_events)
+    flags = None
+    if batch is not None:
+        lock_pos = _inverse_perm(packed.lock_row)
+        flags = _batch_boundaries(
+            np.ascontiguousarray(batch), packed.csr_row, packed.seq_start, packed.seq_len, lock_pos
+        )
+
+    def run(sp: np.ndarray) -> np.ndarray:
+        final = np.empty(packed.n_seqs)
+        cols = [np.ascontiguousarray(sp[:, i]) for i in range(5)]
+        lay = (packed.block_seq, packed.block_ev, packed.step_ptr, packed.step_count)
+        if flags is None:
+            lockstep_filter(obs, *lay, *cols, pred, mast, final)
+        else:
+            lockstep_filter_batched(
+                obs, flags, *lay, *cols, pred, mast, final, CLAMP_LOW, CLAMP_HIGH
+            )
+        return np.clip(final, CLAMP_LOW, CLAMP_HIGH)
+
+    extra: dict[str, np.ndarray] = {}
+    if interval is not None:
+        if not isinstance(params, ParamTable) or not params.n_draws:
+            raise ValueError("interval= needs a parameter table that carries posterior draws")
+        if not 0.0 < interval < 1.0:
+            raise ValueError(f"interval must lie in (0, 1), got {interval}")
+        used = [skill_values[i] for i in used_skills]
+        dm = np.zeros((len(skill_values), 5, params.n_draws))
+        dm[used_skills] = np.array([params.draw_matrix(s) for s in used])
+        finals = np.empty((params.n_draws, packed.n_seqs))
+        for d in range(params.n_draws):
+            finals[d] = run(_student_adjust(dm[packed.seq_skill, :, d], seq_users, students))
+        lo, hi = np.quantile(finals, [(1 - interval) / 2, (1 + interval) / 2], axis=0)
+        extra = {
+            "p_mastery_lower": lo,
+            "p_mastery_upper": hi,
+            "p_mastered": (finals > mastered).mean(axis=0),
+        }
+    final = run(seq_p)  # last, so pred/mast hold the point estimate's outputs
     mastery = {
-        "user_id": user_values[packed.seq_user],
+        "user_id": seq_users,
         "skill": skill_values[packed.seq_skill],
         "p_mastery": final,
         "attempts": packed.seq_len.copy(),
         "correct": packed.seq_correct.copy(),
         "status": _status_array(final, mastered, needs_focus),
         "known_skill": known[packed.seq_skill],
+        **extra,
     }
     unknown = [skill_values[i] for i in used_skills[~known_used]]
     unknown = [u.item() if isinstance(u, np.generic) else u for u in unknown]

@@ -27,8 +27,9 @@ def test_help_explains_itself():
 
 def test_simulate_then_score_round_trip(tmp_path, capsys):
     sim = tmp_path / "sim.parquet"
-    assert main(["simulate", "--users", "60", "--skills", "3", "--seed", "2", "--out",
-                 str(sim)]) == 0  # fmt: skip
+    assert (
+        main(["simulate", "--users", "60", "--skills", "3", "--seed", "2", "--out", str(sim)]) == 0
+    )
     params = tmp_path / "p.json"
     ParamTable({"s0": BKTParams(0.2, 0.2, 0.2, 0.1)}, BKTParams()).to_json(params)
     out = tmp_path / "scored.csv"
@@ -61,8 +62,9 @@ def test_bad_input_exits_nonzero_without_traceback(tmp_path):
     out = run_cli("score", str(bad), "--params", str(badp), "--out", str(tmp_path / "o.csv"))
     assert out.returncode == 2 and "schema_version 7" in out.stderr
 
-    out = run_cli("simulate", "--out", str(tmp_path / "s.csv"), "--p-guess", "0.7",
-                  "--p-slip", "0.4")  # fmt: skip
+    out = run_cli(
+        "simulate", "--out", str(tmp_path / "s.csv"), "--p-guess", "0.7", "--p-slip", "0.4"
+    )
     assert out.returncode == 2 and "p_guess + p_slip" in out.stderr
 
 

@@ -25,8 +25,7 @@ def _random_packed(rng, n_seq, max_len, block_size=7):
     lens = rng.integers(1, max_len + 1, n_seq)
     user = np.repeat(np.arange(n_seq), lens)
     correct = rng.integers(0, 2, user.size).astype(np.uint8)
-    pk = pack_codes(user, np.zeros_like(user), np.arange(user.size), correct,
-                    block_size=block_size)  # fmt: skip
+    pk = pack_codes(user, np.zeros_like(user), np.arange(user.size), correct, block_size=block_size)
     return pk, correct
 
 
@@ -49,8 +48,12 @@ def _brute_force(y, p0, t, g, s, f):
 
 
 def _params(rng, n, forgetting):
-    p = [rng.uniform(0.05, 0.6, n), rng.uniform(0.02, 0.5, n), rng.uniform(0.05, 0.4, n),
-         rng.uniform(0.02, 0.3, n)]  # fmt: skip
+    p = [
+        rng.uniform(0.05, 0.6, n),
+        rng.uniform(0.02, 0.5, n),
+        rng.uniform(0.05, 0.4, n),
+        rng.uniform(0.02, 0.3, n),
+    ]
     p.append(rng.uniform(0.0, 0.3, n) if forgetting else None)
     return p
 
@@ -67,8 +70,9 @@ def test_value_equals_brute_force_enumeration(forgetting):
     forward_logp_grad(*_layout(pk), *prm, out2, grad)
     for q in range(pk.n_seqs):
         f = 0.0 if prm[4] is None else prm[4][q]
-        ref = _brute_force(_seq_responses(pk, correct, q), prm[0][q], prm[1][q], prm[2][q],
-                           prm[3][q], f)  # fmt: skip
+        ref = _brute_force(
+            _seq_responses(pk, correct, q), prm[0][q], prm[1][q], prm[2][q], prm[3][q], f
+        )
         assert out[q] == pytest.approx(ref, abs=1e-12)
         assert out2[q] == pytest.approx(ref, abs=1e-12)
 
@@ -124,8 +128,9 @@ def test_long_sequences_with_errors_after_mastery(forgetting):
     while len(y) < 1200:
         y += [1] * int(rng.integers(50, 200)) + [0] * int(rng.integers(1, 12))
     y = np.array(y[:1200], dtype=np.uint8)
-    pk = pack_codes(np.zeros(y.size, dtype=np.int64), np.zeros(y.size, dtype=np.int64),
-                    np.arange(y.size), y)  # fmt: skip
+    pk = pack_codes(
+        np.zeros(y.size, dtype=np.int64), np.zeros(y.size, dtype=np.int64), np.arange(y.size), y
+    )
     theta = [0.4, 0.3, 0.25, 0.002, 0.01 if forgetting else 0.0]
     prm = [np.array([v]) for v in theta[:4]] + [np.array([theta[4]]) if forgetting else None]
     out = np.empty(1)
@@ -148,8 +153,12 @@ def test_filter_equals_serving_tracer():
     # The likelihood's filtered P(mastery) is the tracer's, to 1e-10.
     rng = np.random.default_rng(4)
     n = 20_000
-    ev = {"user_id": rng.integers(0, 400, n), "skill": rng.integers(0, 6, n).astype(str),
-          "correct": rng.integers(0, 2, n), "order": rng.permutation(n)}  # fmt: skip
+    ev = {
+        "user_id": rng.integers(0, 400, n),
+        "skill": rng.integers(0, 6, n).astype(str),
+        "correct": rng.integers(0, 2, n),
+        "order": rng.permutation(n),
+    }
     table = ParamTable(
         {
             str(k): BKTParams(*rng.uniform(0.05, 0.45, 4), p_forget=rng.uniform(0, 0.2))
@@ -158,8 +167,7 @@ def test_filter_equals_serving_tracer():
     )
     res = replay(ev, table)
     skills = np.unique(ev["skill"])
-    pk = pack_codes(ev["user_id"], np.searchsorted(skills, ev["skill"]), ev["order"],
-                    ev["correct"])  # fmt: skip
+    pk = pack_codes(ev["user_id"], np.searchsorted(skills, ev["skill"]), ev["order"], ev["correct"])
     mat = np.array([table[s].as_tuple() for s in skills])[pk.seq_skill]
     out = np.empty(pk.n_seqs)
     mast = np.empty(n)
@@ -171,8 +179,9 @@ def test_log_every_keeps_long_products_finite():
     # 5,000 steps of small likelihoods: the running product is logged every
     # few steps, so it never underflows.
     y = np.zeros(5000, dtype=np.uint8)
-    pk = pack_codes(np.zeros(y.size, dtype=np.int64), np.zeros(y.size, dtype=np.int64),
-                    np.arange(y.size), y)  # fmt: skip
+    pk = pack_codes(
+        np.zeros(y.size, dtype=np.int64), np.zeros(y.size, dtype=np.int64), np.arange(y.size), y
+    )
     out = np.empty(1)
     prm = [np.array([0.999]), np.array([0.5]), np.array([0.01]), np.array([0.01]), None]
     forward_logp(*_layout(pk), *prm, out)

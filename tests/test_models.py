@@ -192,3 +192,32 @@ def test_save_and_load(fitted, tmp_path):
         back.idata["posterior"]["p_init"].values, idata["posterior"]["p_init"].values
     )
     assert back.export_params().to_dict()["skills"] == model.export_params().to_dict()["skills"]
+
+
+@pytest.mark.slow
+def test_export_with_draws_serves_intervals(fitted, sim, tmp_path):
+    _, df = sim
+    model, _ = fitted
+    table = model.export_params(n_draws=40)
+    back = ParamTable.from_json(table.to_json(tmp_path / "p.json"))
+    assert back.n_draws == 40 and back.to_dict()["schema_version"] == 2
+    m = replay(df, back, interval=0.9).mastery
+    assert np.all(m["p_mastery_lower"] <= m["p_mastery_upper"])
+    assert (m["p_mastery_upper"] - m["p_mastery_lower"]).max() > 0.0
+
+
+@pytest.mark.slow
+def test_student_effects_export_offsets(sim):
+    _, df = sim
+    small = df[df["user_id"] < 60]
+    m = BKTModel(student_effects="init")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        m.fit(small, draws=200, tune=200, chains=2, random_seed=3, progressbar=False)
+    table = m.export_params(force=True)
+    assert set(table.students["init"]) == {str(u) for u in small["user_id"].unique()}
+    # A known student's offset changes p_init; a new one gets the skill's value.
+    u = str(small["user_id"].iloc[0])
+    s = str(small["skill"].iloc[0])
+    assert table.params_for(s, user=u).p_init != table[s].p_init
+    assert table.params_for(s, user="new student") == table[s]

@@ -83,7 +83,16 @@ def test_json_round_trip(tmp_path):
     assert back["fractions"].p_forget == 0.01
     doc = json.loads(path.read_text())
     assert doc["schema_version"] == SCHEMA_VERSION
-    assert set(doc) == {"schema_version", "model", "created", "default", "skills", "metadata"}
+    assert set(doc) == {
+        "schema_version",
+        "model",
+        "created",
+        "default",
+        "skills",
+        "students",
+        "draws",
+        "metadata",
+    }
 
 
 def test_version_hash_covers_metadata():
@@ -200,3 +209,61 @@ def test_no_pickle_anywhere_in_the_package():
     for f in root.rglob("*.py"):
         text = f.read_text()
         assert "import pickle" not in text and "cloudpickle" not in text, f
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    doc = _doc()
+    doc["schema_version"] = 1
+    del doc["students"], doc["draws"]
+    t = ParamTable.from_json(_write(tmp_path, doc))
+    assert t["fractions"].p_forget == 0.01 and t.students is None and t.n_draws == 0
+    doc["students"] = None
+    with pytest.raises(ParamFileError, match="unknown field.*students"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def _v2_table():
+    t = _table()
+    draws = {
+        "n": 3,
+        "default": {k: [v] * 3 for k, v in t.default.to_dict().items()},
+        "skills": {"fractions": {k: [v, v, v] for k, v in t["fractions"].to_dict().items()}},
+    }
+    draws["skills"]["fractions"]["p_init"] = [0.1, 0.2, 0.3]
+    return ParamTable(
+        dict(t),
+        t.default,
+        stats=t.stats,
+        model="test",
+        students={"init": {"u1": 0.5, "u2": -0.25}},
+        draws=draws,
+    )
+
+
+def test_version_2_round_trip_with_students_and_draws(tmp_path):
+    t = _v2_table()
+    back = ParamTable.from_json(t.to_json(tmp_path / "p.json"))
+    assert back == t and back.n_draws == 3
+    assert back.draw_matrix("fractions")[0] == [0.1, 0.2, 0.3]
+    assert back.draw_matrix("unseen")[0] == [0.35] * 3  # the default's draws
+    # Student offsets act on the logit of p_init; unknown students get none.
+    p = back.params_for("fractions", user="u1")
+    assert p.p_init == pytest.approx(1 / (1 + math.exp(-(math.log(0.2 / 0.8) + 0.5))))
+    assert back.params_for("fractions", user="stranger") == back["fractions"]
+
+
+def test_version_2_rejects_bad_draws_and_offsets(tmp_path):
+    doc = _v2_table().to_dict()
+    doc["draws"]["skills"]["fractions"]["p_guess"] = [0.1, 0.2]
+    with pytest.raises(
+        ParamFileError, match=r"draws.skills\['fractions'\].p_guess: expected a list of 3"
+    ):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc = _v2_table().to_dict()
+    doc["draws"]["skills"]["fractions"]["p_guess"] = [0.1, 0.95, 0.1]
+    with pytest.raises(ParamFileError, match="draw 1: p_guess \\+ p_slip"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc = _v2_table().to_dict()
+    doc["students"]["init"]["u1"] = "high"
+    with pytest.raises(ParamFileError, match=r"students.init\['u1'\]"):
+        ParamTable.from_json(_write(tmp_path, doc))

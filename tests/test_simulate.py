@@ -32,8 +32,9 @@ def test_learning_raises_later_correctness_and_forgetting_lowers_it():
     # so late correctness approaches (1 - S) without forgetting and stays lower
     # with it. 4 SE margins as above.
     learn = simulate(BKTParams(0.1, 0.3, 0.2, 0.1), 2000, skills=2, mean_length=40, seed=4)
-    forget = simulate(BKTParams(0.1, 0.3, 0.2, 0.1, p_forget=0.3), 2000, skills=2,
-                      mean_length=40, seed=4)  # fmt: skip
+    forget = simulate(
+        BKTParams(0.1, 0.3, 0.2, 0.1, p_forget=0.3), 2000, skills=2, mean_length=40, seed=4
+    )
 
     def late(df):
         pos = df.groupby(["user_id", "skill"]).cumcount()

@@ -392,3 +392,78 @@ def test_spawn_start_method_does_not_hang():
 def _spawned_replay() -> float:
     ev = {"user_id": [0, 0, 1], "skill": ["a", "a", "a"], "correct": [1, 1, 0], "order": [0, 1, 0]}
     return float(replay(ev, BKTParams()).p_mastery.sum())
+
+
+# Schema-2 tables: student offsets and posterior draws -------------------------
+
+
+def _draws_for(table, n, rng, spread):
+    def cols(p):
+        out = {k: [] for k in p.to_dict()}
+        for _ in range(n):
+            while True:
+                vals = {
+                    k: float(np.clip(v * np.exp(rng.normal(0, spread)), 1e-3, 0.9))
+                    for k, v in p.to_dict().items()
+                }
+                vals["p_forget"] = p.p_forget
+                try:
+                    BKTParams(**vals)
+                    break
+                except ValueError:
+                    continue
+            for k, v in vals.items():
+                out[k].append(v)
+        return out
+
+    return {"n": n, "default": cols(table.default), "skills": {s: cols(table[s]) for s in table}}
+
+
+def test_replay_applies_student_offsets_like_the_scalar_tracer():
+    rng = np.random.default_rng(11)
+    ev = _random_events(rng, 3000, n_users=30, n_skills=4)
+    base = _table(4)
+    students = {
+        "init": {str(u): float(rng.normal()) for u in range(20)},
+        "transit": {str(u): float(rng.normal(0, 0.5)) for u in range(10)},
+    }
+    table = ParamTable(dict(base), base.default, students=students)
+    res = replay(ev, table)
+    groups = defaultdict(list)
+    for i in range(len(ev["correct"])):
+        groups[(ev["user_id"][i], ev["skill"][i])].append(i)
+    for (u, s), rows in groups.items():
+        rows.sort(key=lambda i: ev["order"][i])
+        tr = BayesianKnowledgeTracer(table.params_for(s, user=u))
+        p = tr.params.p_init
+        for i in rows:
+            p = tr.update(p, bool(ev["correct"][i]))
+            assert abs(p - res.p_mastery[i]) <= 1e-12
+    # Students 20..29 are new: the population (offset 0) applies.
+    plain = replay(ev, base)
+    new = np.isin(ev["user_id"], np.arange(20, 30))
+    assert np.array_equal(res.p_mastery[new], plain.p_mastery[new])
+    assert not np.allclose(res.p_mastery[~new], plain.p_mastery[~new])
+
+
+def test_interval_over_posterior_draws():
+    rng = np.random.default_rng(12)
+    ev = _random_events(rng, 4000, n_users=50, n_skills=4)
+    base = _table(4)
+    # Draws identical to the point estimate: a degenerate interval.
+    same = ParamTable(dict(base), base.default, draws=_draws_for(base, 5, rng, 0.0))
+    r = replay(ev, same, interval=0.9)
+    m = r.mastery
+    np.testing.assert_allclose(m["p_mastery_lower"], m["p_mastery"], atol=1e-12)
+    np.testing.assert_allclose(m["p_mastery_upper"], m["p_mastery"], atol=1e-12)
+    assert set(np.unique(m["p_mastered"])) <= {0.0, 1.0}
+    # Spread draws: the interval has width and brackets most point values.
+    spread = ParamTable(dict(base), base.default, draws=_draws_for(base, 60, rng, 0.3))
+    m = replay(ev, spread, interval=0.9).mastery
+    assert (m["p_mastery_upper"] - m["p_mastery_lower"]).mean() > 0.01
+    inside = (m["p_mastery_lower"] - 1e-9 <= m["p_mastery"]) & (
+        m["p_mastery"] <= m["p_mastery_upper"] + 1e-9
+    )
+    assert inside.mean() > 0.8
+    with pytest.raises(ValueError, match="posterior draws"):
+        replay(ev, base, interval=0.9)
