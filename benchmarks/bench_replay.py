@@ -19,7 +19,6 @@ Run: ``.venv/bin/python benchmarks/bench_replay.py [--events N] [--repeat R]``
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -67,6 +66,22 @@ def make_events(n_target: int, n_skills: int, seed: int = 0):
     return (user[perm], skill[perm], correct[perm], order[perm], n_users, n_seq)
 
 
+def _fake_draws(table, n, rng):
+    """Draws scattered around each skill's values (valid parameter sets)."""
+
+    def cols(p):
+        out = {k: [] for k in p.to_dict()}
+        for _ in range(n):
+            v = p.to_dict()
+            for k in ("p_init", "p_transit", "p_guess", "p_slip"):
+                v[k] = float(np.clip(v[k] * np.exp(rng.normal(0, 0.1)), 1e-3, 0.45))
+            for k in out:
+                out[k].append(v[k])
+        return out
+
+    return {"n": n, "default": cols(table.default), "skills": {s: cols(table[s]) for s in table}}
+
+
 def best(f, repeat):
     times = []
     out = None
@@ -85,7 +100,12 @@ def main() -> None:
     ap.add_argument("--seed-slice", type=int, default=200_000)
     args = ap.parse_args()
 
-    print(f"numba threads: {os.environ.get('NUMBA_NUM_THREADS', 'default')}; one core used")
+    import numba
+
+    print(
+        f"kernels: one core; whole replay: {numba.config.NUMBA_NUM_THREADS} threads for the "
+        "sort and the scatter (also timed with threads=1)"
+    )
     user, skill, correct, order, n_users, n_seq = make_events(args.events, args.skills)
     n = len(user)
     print(f"events {n:,}  sequences {n_seq:,}  users {n_users:,}  skills {args.skills}")
@@ -141,12 +161,18 @@ def main() -> None:
     t_w, t_wm, res = best(whole, args.repeat)
     assert res.p_correct.shape == (n,) and len(res.mastery["p_mastery"]) == n_seq
 
-    # Factorising string ids, separately.
+    # Factorising string ids, separately: numpy only (what the tracer does in
+    # a process without pandas) and pandas' hash table (used when loaded).
     m = min(n, 2_000_000)
     user_s = np.array([f"u{x}" for x in user[:m]], dtype=object)
     t0 = time.perf_counter()
     np.unique(user_s, return_inverse=True)
     t_fact = (time.perf_counter() - t0) * n / m
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    pd.factorize(user_s, sort=True)
+    t_fact_pd = (time.perf_counter() - t0) * n / m
 
     # The seed's pure-Python loop on a slice of sequences.
     seed_params = {k: table[str(k)] for k in range(args.skills)}
@@ -165,6 +191,17 @@ def main() -> None:
     t_seed = time.perf_counter() - t0
     seed_rate = n_slice / t_seed
 
+    # One core, for the record: the same whole replay with threads=1.
+    t_w1, _, _ = best(lambda: replay(events, skill_tab, threads=1), max(3, args.repeat // 2))
+
+    # Credible intervals over 100 posterior draws (schema-2 table) on a slice.
+    m_int = min(n, 1_000_000)
+    ev_int = {k: v[:m_int] for k, v in events.items()}
+    draws = _fake_draws(skill_tab, 100, np.random.default_rng(3))
+    tab_d = ParamTable(dict(skill_tab), skill_tab.default, draws=draws)
+    t_pt, _, _ = best(lambda: replay(ev_int, tab_d), 3)
+    t_int, _, _ = best(lambda: replay(ev_int, tab_d, interval=0.9), 2)
+
     k_rate = n / t_k
     w_rate = n / t_w
     print(
@@ -176,7 +213,15 @@ def main() -> None:
         f"whole replay (int codes): {t_w * 1e3:8.1f} ms  {w_rate / 1e6:8.1f} M events/s"
         f"  (median {n / t_wm / 1e6:.1f})   target >= 20"
     )
-    print(f"factorising string user ids (np.unique, extrapolated to {n:,}): {t_fact:.2f} s")
+    print(f"whole replay, threads=1 : {t_w1 * 1e3:8.1f} ms  {n / t_w1 / 1e6:8.1f} M events/s")
+    print(
+        f"credible interval over 100 draws ({m_int:,} events): {t_int / m_int * 1e9:.1f} ns"
+        f"/event against {t_pt / m_int * 1e9:.1f} for the point replay (x{t_int / t_pt:.0f})"
+    )
+    print(
+        f"factorising string user ids, extrapolated to {n:,}: np.unique {t_fact:.2f} s, "
+        f"pandas.factorize {t_fact_pd:.2f} s"
+    )
     print(
         f"seed pure-Python loop   : {n_slice:,} events in {t_seed:.2f} s "
         f"= {seed_rate / 1e6:.3f} M events/s"

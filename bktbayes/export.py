@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .params import PARAM_NAMES, BKTParams, ParamTable, SkillStats
+from .params import PARAM_NAMES, BKTParams, ParamTable, SkillStats, jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import BKTModel
@@ -147,8 +147,8 @@ def export_params(
                 students[kind] = {u: float(v) for u, v in zip(users, mean.values, strict=True)}
     metadata: dict[str, Any] = {
         "config": asdict(cfg),
-        "diagnostics": _plain(diag),
-        "fit": _plain(model.fit_info),
+        "diagnostics": jsonable(diag),
+        "fit": jsonable(model.fit_info),
         "default_source": default_source,
         "estimate": "posterior mean",
         "forced": bool(force and failing),
@@ -169,15 +169,3 @@ def export_params(
         students=students,
         draws=draws_doc,
     )
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x

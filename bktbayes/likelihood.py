@@ -277,3 +277,228 @@ def forward_logp_grad(
                 out_grad[k, q0 + j] = W[(_G + k) * _BS + j]
             if p_forget is not None:
                 out_grad[4, q0 + j] = W[(_G + 4) * _BS + j]
+
+
+@nb.njit(**_JIT)
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@nb.njit(**_JIT)
+def skill_logp_grad(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    seq_skill,
+    logits,
+    ordered,
+    out_logp,
+    out_grad,
+):
+    """Per-skill log-likelihood and gradient with respect to logit-scale parameters.
+
+    The parametrisation of :class:`bktbayes.models.BKTModel`: ``p_init =
+    sigmoid(x0)``, ``p_transit = sigmoid(x1)``; ordered guess/slip ``p_guess =
+    sigmoid(x2)``, ``p_slip = (1 - p_guess) sigmoid(-x3)``, or bounded
+    ``p_guess = sigmoid(x2) / 2``, ``p_slip = sigmoid(x3) / 2``; with a fifth
+    row, ``p_forget = (1 - p_transit) sigmoid(x4)``.
+
+    Parameters
+    ----------
+    correct, block_seq, block_ev, step_ptr, step_count
+        Lockstep layout (blocks of at most ``LIKELIHOOD_BLOCK_SIZE``).
+    seq_skill : int64 array, shape (n_seqs,)
+        Skill index of each sequence.
+    logits : float64 array, shape (4 or 5, n_skills)
+    ordered : bool
+        Ordered (True) or bounded (False) guess/slip.
+    out_logp : float64 array, shape (n_skills,)
+        Written: summed log-likelihood per skill.
+    out_grad : float64 array, shape (4 or 5, n_skills)
+        Written: its gradient with respect to ``logits``.
+    """
+    n_par = logits.shape[0]
+    n_skill = logits.shape[1]
+    n_seq = seq_skill.shape[0]
+    nat = np.empty((5, n_skill))
+    for s in range(n_skill):
+        nat[0, s] = _sig(logits[0, s])
+        nat[1, s] = _sig(logits[1, s])
+        sg = _sig(logits[2, s])
+        if ordered:
+            nat[2, s] = sg
+            nat[3, s] = (1.0 - sg) * _sig(-logits[3, s])
+        else:
+            nat[2, s] = 0.5 * sg
+            nat[3, s] = 0.5 * _sig(logits[3, s])
+        nat[4, s] = (1.0 - nat[1, s]) * _sig(logits[4, s]) if n_par == 5 else 0.0
+    pi = np.empty(n_seq)
+    pt = np.empty(n_seq)
+    pg = np.empty(n_seq)
+    ps = np.empty(n_seq)
+    pf = np.empty(n_seq)
+    for q in range(n_seq):
+        s = seq_skill[q]
+        pi[q] = nat[0, s]
+        pt[q] = nat[1, s]
+        pg[q] = nat[2, s]
+        ps[q] = nat[3, s]
+        pf[q] = nat[4, s]
+    logp = np.empty(n_seq)
+    grad = np.zeros((5, n_seq))
+    if n_par == 5:
+        forward_logp_grad(
+            correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, pf, logp, grad
+        )
+    else:
+        forward_logp_grad(
+            correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, None, logp, grad
+        )
+    # Natural-parameter gradients summed per skill, then the chain rule once
+    # per skill.
+    gn = np.zeros((5, n_skill))
+    out_logp[:] = 0.0
+    for q in range(n_seq):
+        s = seq_skill[q]
+        out_logp[s] += logp[q]
+        for k in range(5):
+            gn[k, s] += grad[k, q]
+    for s in range(n_skill):
+        si = _sig(logits[0, s])
+        st = _sig(logits[1, s])
+        sg = _sig(logits[2, s])
+        out_grad[0, s] = gn[0, s] * si * (1.0 - si)
+        d_tr = gn[1, s]
+        if n_par == 5:
+            sf = _sig(logits[4, s])
+            d_tr -= gn[4, s] * sf  # d forget / d transit = -sigmoid(x4)
+            out_grad[4, s] = gn[4, s] * (1.0 - st) * sf * (1.0 - sf)
+        out_grad[1, s] = d_tr * st * (1.0 - st)
+        if ordered:
+            sd = _sig(-logits[3, s])
+            # guess = sg; slip = (1 - sg) sd
+            out_grad[2, s] = (gn[2, s] - gn[3, s] * sd) * sg * (1.0 - sg)
+            out_grad[3, s] = -gn[3, s] * (1.0 - sg) * sd * (1.0 - sd)
+        else:
+            sb = _sig(logits[3, s])
+            out_grad[2, s] = gn[2, s] * 0.5 * sg * (1.0 - sg)
+            out_grad[3, s] = gn[3, s] * 0.5 * sb * (1.0 - sb)
+
+
+def skill_newton(
+    layout: tuple,
+    seq_skill: np.ndarray,
+    x0: np.ndarray,
+    *,
+    ordered: bool = True,
+    ridge: float = 1.0 / 9.0,
+    prior_mean: np.ndarray | None = None,
+    max_iter: int = 30,
+    tol: float = 1e-2,
+) -> dict:
+    """Per-skill maximum (penalised) likelihood by block-diagonal Newton steps.
+
+    Skills are independent, so the Hessian is block-diagonal (one 4x4 or 5x5
+    block per skill). One perturbation of parameter k for *all* skills at
+    once gives column k of every block by a finite difference of the exact
+    gradient: an iteration costs 1 + n_par kernel evaluations, whatever the
+    number of skills. Steps are damped (Levenberg-Marquardt) and accepted
+    skill by skill only when they raise that skill's objective.
+
+    Parameters
+    ----------
+    layout : tuple
+        ``(correct, block_seq, block_ev, step_ptr, step_count)``.
+    seq_skill : int64 array, shape (n_seqs,)
+    x0 : float64 array, shape (n_par, n_skills)
+        Starting logits.
+    ordered : bool
+        Guess/slip parametrisation (see :func:`skill_logp_grad`).
+    ridge : float
+        Precision of a Normal penalty on the logits around ``prior_mean``
+        (keeps skills whose likelihood is flat, e.g. all answers correct, at
+        finite values).
+    prior_mean : float64 array, shape (n_par, 1) or like ``x0``, optional
+    max_iter : int
+    tol : float
+        Stop when an iteration raises the total objective by less than
+        ``tol`` nats (a skill whose Newton step promises less is done).
+
+    Returns
+    -------
+    dict
+        ``x`` (logits), ``loglik`` per skill (unpenalised), ``n_eval``,
+        ``n_iter``, ``converged``.
+    """
+    x = np.array(x0, dtype=np.float64, copy=True)
+    n_par, n_skill = x.shape
+    mu = np.zeros_like(x) if prior_mean is None else np.broadcast_to(prior_mean, x.shape)
+    lp = np.empty(n_skill)
+    g = np.empty((n_par, n_skill))
+    n_eval = 0
+
+    def evaluate(xx):
+        nonlocal n_eval
+        n_eval += 1
+        lp_ = np.empty(n_skill)
+        g_ = np.empty((n_par, n_skill))
+        skill_logp_grad(*layout, seq_skill, xx, ordered, lp_, g_)
+        obj = lp_ - 0.5 * ridge * ((xx - mu) ** 2).sum(axis=0)
+        return lp_, obj, g_ - ridge * (xx - mu)
+
+    lp, obj, g = evaluate(x)
+    lam = np.full(n_skill, 1e-4)
+    h = 1e-5
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007
+        hess = np.empty((n_skill, n_par, n_par))
+        for k in range(n_par):
+            xk = x.copy()
+            xk[k] += h
+            _, _, gk = evaluate(xk)
+            hess[:, :, k] = ((gk - g) / h).T
+        hess = 0.5 * (hess + hess.transpose(0, 2, 1))
+        neg = -hess
+        eye = np.eye(n_par)
+        diag = 1.0 + np.abs(np.diagonal(neg, axis1=1, axis2=2))
+        # Skills whose Newton step promises less than tol are done: retrying
+        # them would cost a full evaluation of every skill for nothing.
+        done = np.zeros(n_skill, dtype=bool)
+        gain = np.zeros(n_skill)
+        for _ in range(8):
+            a = neg + (lam[:, None] * diag)[:, :, None] * eye
+            try:
+                step = np.linalg.solve(a, g.T[:, :, None])[:, :, 0].T
+            except np.linalg.LinAlgError:
+                lam *= 10.0
+                continue
+            step = np.clip(step, -3.0, 3.0)
+            pred = 0.5 * (g * step).sum(axis=0)
+            # Not an ascent direction (Hessian block not negative definite):
+            # damp harder, towards a gradient step.
+            uphill = pred > 0
+            lam[~done & ~uphill] *= 10.0
+            done |= uphill & (pred < 1e-4)
+            trial = ~done & uphill
+            if not trial.any():
+                if done.all():
+                    break
+                continue
+            xn = np.where(trial, x + step, x)
+            lpn, objn, gn = evaluate(xn)
+            better = (objn > obj) & trial
+            gain[better] = objn[better] - obj[better]
+            x[:, better] = xn[:, better]
+            lp[better] = lpn[better]
+            obj[better] = objn[better]
+            g[:, better] = gn[:, better]
+            lam[better] = np.maximum(lam[better] / 100.0, 1e-6)
+            lam[trial & ~better] *= 10.0
+            done |= better
+        if gain.sum() < tol:
+            converged = True
+            break
+    return {"x": x, "loglik": lp, "n_eval": n_eval, "n_iter": it, "converged": converged}

@@ -44,6 +44,7 @@ import pandas as pd
 
 from .data import PackedEvents, pack_events
 from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp
+from .params import jsonable
 
 __all__ = [
     "CENTERED_MIN_OBS",
@@ -344,113 +345,61 @@ class BKTModel:
     # ------------------------------------------------------------------
     # Fast estimates and initialisation.
 
-    def fast_estimate(self, events: pd.DataFrame | None = None, *, maxiter: int = 500):
-        """Per-skill maximum likelihood (what pyBKT's EM computes), by L-BFGS.
+    def fast_estimate(self, events: pd.DataFrame | None = None, *, max_iter: int = 30):
+        """Per-skill maximum likelihood (what pyBKT's EM computes), by Newton steps.
 
-        Optimises the logit-scale skill parameters of every skill jointly
-        (the objective is a sum over skills) with the likelihood kernel's
-        exact gradient, under the same constraints as the model (ordered or
-        bounded guess/slip, ``p_transit + p_forget < 1``). Student offsets
-        are not estimated (zero). A joint MAP of the hierarchical model is
-        deliberately not used: it collapses or inflates the population scales.
+        Every skill's logit-scale parameters are fitted at once with
+        :func:`bktbayes.likelihood.skill_newton`: block-diagonal Newton steps
+        whose Hessian blocks come from finite differences of the kernel's exact
+        gradient, under the same constraints as the model (ordered or bounded
+        guess/slip, ``p_transit + p_forget < 1``). A weak Normal(prior mean, 3)
+        penalty on the logits keeps skills whose likelihood is flat at finite
+        values. Student offsets are not estimated (zero). A joint MAP of the
+        hierarchical model is deliberately not used: it collapses or inflates
+        the population scales.
 
         Returns
         -------
         dict
             ``logits`` (group -> array over skills), ``params`` (the five
-            natural parameters per skill), ``loglik`` (nats, at the optimum),
-            ``n_eval`` and ``seconds``.
+            natural parameters per skill), ``loglik`` (nats, at the optimum,
+            without the penalty), ``n_eval``, ``n_iter``, ``seconds`` (packing
+            included when ``events`` is given) and ``converged``.
         """
         import time
 
-        from scipy.optimize import minimize
+        from .likelihood import skill_newton
 
-        from .likelihood import forward_logp_grad
-
+        t0 = time.perf_counter()
         if events is not None:
             self._packed = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         if self._packed is None:
             raise ValueError("no data: pass events or call build_model first")
         pk = self._packed.packed
-        t0 = time.perf_counter()
         groups = self.config.groups
         n_skill = len(self._packed.skills)
-        sk = pk.seq_skill
-        ordered = self.config.guess_slip == "ordered"
-        data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
-        logp = np.empty(pk.n_seqs)
-        grad = np.zeros((5, pk.n_seqs))
-        n_eval = [0]
-        # A weak Normal(0, 3) penalty on the logits keeps skills whose MLE sits
-        # on the boundary (all correct, say) at finite values; it changes the
-        # estimates of skills with data by far less than their uncertainty.
-        ridge = 1.0 / 9.0
-
-        def f(x):
-            n_eval[0] += 1
-            lg = {g: x[i * n_skill : (i + 1) * n_skill] for i, g in enumerate(groups)}
-            nat = natural_params(lg, self.config.guess_slip)
-            pi, ptr, pg, ps = (nat[k][sk] for k in ("p_init", "p_transit", "p_guess", "p_slip"))
-            pf = nat["p_forget"][sk] if self.config.forgetting else None
-            forward_logp_grad(*data, pi, ptr, pg, ps, pf, logp, grad)
-            # Chain rule from natural parameters to the logits, per sequence,
-            # then summed per skill.
-            s_i = _sigmoid(lg["init"])[sk]
-            s_t = _sigmoid(lg["transit"])[sk]
-            d_init = grad[0] * s_i * (1 - s_i)
-            d_tr = grad[1] * s_t * (1 - s_t)
-            s_g = _sigmoid(lg["guess"])[sk]
-            s_d = _sigmoid(lg["slip"])[sk]
-            if ordered:
-                # guess = s_g; slip = (1 - s_g) * (1 - s_d)
-                d_guess = (grad[2] - grad[3] * (1 - s_d)) * s_g * (1 - s_g)
-                d_slip = -grad[3] * (1 - s_g) * s_d * (1 - s_d)
-            else:
-                d_guess = grad[2] * 0.5 * s_g * (1 - s_g)
-                d_slip = grad[3] * 0.5 * s_d * (1 - s_d)
-            parts = [d_init, d_tr, d_guess, d_slip]
-            if self.config.forgetting:
-                s_f = _sigmoid(lg["forget"])[sk]
-                # forget = (1 - transit) * s_f
-                d_tr = d_tr - grad[4] * s_f * s_t * (1 - s_t)
-                parts[1] = d_tr
-                parts.append(grad[4] * (1 - s_t) * s_f * (1 - s_f))
-            g = np.concatenate([np.bincount(sk, weights=d, minlength=n_skill) for d in parts])
-            val = logp.sum() - 0.5 * ridge * float(x @ x)
-            return -val, -(g - ridge * x)
-
-        # Precondition: the curvature of a skill's log-likelihood grows with its
-        # number of responses, so optimise x * sqrt(n_obs); L-BFGS then sees
-        # comparable scales across skills and needs far fewer evaluations.
-        n_obs = np.bincount(sk, weights=pk.seq_len, minlength=n_skill)
-        scale = np.tile(np.sqrt(n_obs + 10.0), len(groups))
-
-        def f_scaled(z):
-            v, g = f(z / scale)
-            return v, g / scale
-
-        x0 = np.concatenate([np.full(n_skill, self.prior(f"mu_{g}")["mu"]) for g in groups])
-        res = minimize(
-            f_scaled,
-            x0 * scale,
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": maxiter, "ftol": 1e-10, "gtol": 1e-5},
+        layout = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
+        mu0 = np.array([[self.prior(f"mu_{g}")["mu"]] for g in groups])
+        res = skill_newton(
+            layout,
+            pk.seq_skill,
+            np.repeat(mu0, n_skill, axis=1),
+            ordered=self.config.guess_slip == "ordered",
+            prior_mean=mu0,
+            max_iter=max_iter,
         )
-        res.x = res.x / scale
-        lg = {g: res.x[i * n_skill : (i + 1) * n_skill] for i, g in enumerate(groups)}
-        nat = natural_params(lg, self.config.guess_slip)
-        f(res.x)
+        lg = {g: res["x"][i] for i, g in enumerate(groups)}
         out = {
             "logits": lg,
-            "params": nat,
-            "loglik": float(logp.sum()),
-            "n_eval": n_eval[0],
+            "params": natural_params(lg, self.config.guess_slip),
+            "loglik": float(res["loglik"].sum()),
+            "n_eval": res["n_eval"],
+            "n_iter": res["n_iter"],
             "seconds": time.perf_counter() - t0,
-            "converged": bool(res.success),
+            "converged": res["converged"],
         }
         self.fit_info["fast_estimate"] = {
-            k: out[k] for k in ("loglik", "n_eval", "seconds", "converged")
+            k: out[k] for k in ("loglik", "n_eval", "n_iter", "seconds", "converged")
         }
         return out
 
@@ -761,8 +710,8 @@ class BKTModel:
             "format": "bktbayes-model",
             "format_version": 1,
             "config": asdict(self.config),
-            "fit_info": _jsonable(self.fit_info),
-            "diagnostics": _jsonable(self.diagnostics),
+            "fit_info": jsonable(self.fit_info),
+            "diagnostics": jsonable(self.diagnostics),
             "skills": [str(s) for s in self._packed.skills],
             "users": [str(u) for u in self._packed.users],
         }
@@ -813,17 +762,3 @@ def _labels(da) -> list[str]:
     import itertools
 
     return [f"{da.name}[{','.join(map(str, t))}]" for t in itertools.product(*idx)]
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x

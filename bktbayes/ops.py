@@ -103,54 +103,44 @@ def _run(correct, bseq, bev, sptr, scount, params, forgetting):
     return logp, grad
 
 
+@numba_basic.numba_njit
+def _kernel_call(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps, pf):
+    # PyTensor may hand over non-contiguous views; the kernel is compiled for
+    # (and vectorises on) contiguous arrays. ``pf`` is None without forgetting.
+    n = pi.shape[0]
+    logp = np.empty(n)
+    grad = np.zeros((5, n))
+    c = np.ascontiguousarray
+    forward_logp_grad(
+        c(correct),
+        c(bseq),
+        c(bev),
+        c(sptr),
+        c(scount),
+        c(pi),
+        c(pt_),
+        c(pg),
+        c(ps),
+        None if pf is None else c(pf),
+        logp,
+        grad,
+    )
+    return logp, grad
+
+
 @register_funcify_default_op_cache_key(BKTLogLik)
 def _numba_funcify_bkt_loglik(op, node=None, **kwargs):
-    kernel = forward_logp_grad
     if op.forgetting:
 
         @numba_basic.numba_njit
         def bkt_loglik_forget(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps, pf):
-            n = pi.shape[0]
-            logp = np.empty(n)
-            grad = np.zeros((5, n))
-            kernel(
-                np.ascontiguousarray(correct),
-                np.ascontiguousarray(bseq),
-                np.ascontiguousarray(bev),
-                np.ascontiguousarray(sptr),
-                np.ascontiguousarray(scount),
-                np.ascontiguousarray(pi),
-                np.ascontiguousarray(pt_),
-                np.ascontiguousarray(pg),
-                np.ascontiguousarray(ps),
-                np.ascontiguousarray(pf),
-                logp,
-                grad,
-            )
-            return logp, grad
+            return _kernel_call(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps, pf)
 
         return bkt_loglik_forget, _CACHE_VERSION
 
     @numba_basic.numba_njit
     def bkt_loglik(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps):
-        n = pi.shape[0]
-        logp = np.empty(n)
-        grad = np.zeros((5, n))
-        kernel(
-            np.ascontiguousarray(correct),
-            np.ascontiguousarray(bseq),
-            np.ascontiguousarray(bev),
-            np.ascontiguousarray(sptr),
-            np.ascontiguousarray(scount),
-            np.ascontiguousarray(pi),
-            np.ascontiguousarray(pt_),
-            np.ascontiguousarray(pg),
-            np.ascontiguousarray(ps),
-            None,
-            logp,
-            grad,
-        )
-        return logp, grad
+        return _kernel_call(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps, None)
 
     return bkt_loglik, _CACHE_VERSION
 

@@ -70,6 +70,20 @@ class ParamFileError(BKTInputError):
     """A parameter file or mapping does not follow the schema."""
 
 
+def _require_fields(
+    d: Any, where: str, required: Any, optional: Any = (), what: str = "an object"
+) -> None:
+    """Raise ParamFileError unless ``d`` is a mapping with exactly the allowed fields."""
+    if not isinstance(d, Mapping):
+        raise ParamFileError(f"{where}: expected {what}")
+    missing = [k for k in required if k not in d]
+    extra = sorted(set(d) - set(required) - set(optional))
+    if missing:
+        raise ParamFileError(f"{where}: missing field(s) {missing}")
+    if extra:
+        raise ParamFileError(f"{where}: unknown field(s) {extra}")
+
+
 def _check_prob(name: str, value: Any, *, allow_zero: bool = False, where: str = "") -> float:
     prefix = f"{where}: " if where else ""
     # numpy scalars are Real; bools and strings are rejected rather than coerced.
@@ -148,14 +162,7 @@ class BKTParams:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "params") -> BKTParams:
         """Build from a mapping with exactly the five fields; errors name ``where``."""
-        if not isinstance(d, Mapping):
-            raise ParamFileError(f"{where}: expected an object with fields {list(PARAM_NAMES)}")
-        missing = [k for k in PARAM_NAMES if k not in d]
-        extra = sorted(set(d) - set(PARAM_NAMES))
-        if missing:
-            raise ParamFileError(f"{where}: missing field(s) {missing}")
-        if extra:
-            raise ParamFileError(f"{where}: unknown field(s) {extra}")
+        _require_fields(d, where, PARAM_NAMES, what=f"an object with fields {list(PARAM_NAMES)}")
         values = {}
         for k in PARAM_NAMES:
             try:
@@ -433,6 +440,17 @@ def _reject_constant(name: str) -> float:
     raise ParamFileError(f"non-finite number {name} is not allowed")
 
 
+def jsonable(x: Any) -> Any:
+    """Plain JSON types from nested dicts, lists, tuples and numpy values."""
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
+        return x.tolist()  # numpy scalars and arrays, without importing numpy
+    return x
+
+
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
@@ -442,11 +460,7 @@ def _expit(x: float) -> float:
 
 
 def _check_students(obj: Any, where: str) -> dict[str, dict[str, float]]:
-    if not isinstance(obj, Mapping):
-        raise ParamFileError(f"{where}: expected an object with 'init' and/or 'transit'")
-    extra = sorted(set(obj) - {"init", "transit"})
-    if extra:
-        raise ParamFileError(f"{where}: unknown field(s) {extra}")
+    _require_fields(obj, where, (), ("init", "transit"), "an object with 'init' and/or 'transit'")
     out: dict[str, dict[str, float]] = {}
     for kind, offsets in obj.items():
         if not isinstance(offsets, Mapping):
@@ -463,27 +477,13 @@ def _check_students(obj: Any, where: str) -> dict[str, dict[str, float]]:
 
 
 def _check_draws(obj: Any, skills: set[str], where: str) -> dict[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise ParamFileError(f"{where}: expected an object with n, default and skills")
-    missing = sorted({"n", "default", "skills"} - set(obj))
-    extra = sorted(set(obj) - {"n", "default", "skills"})
-    if missing:
-        raise ParamFileError(f"{where}: missing field(s) {missing}")
-    if extra:
-        raise ParamFileError(f"{where}: unknown field(s) {extra}")
+    _require_fields(obj, where, ("n", "default", "skills"))
     n = obj["n"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ParamFileError(f"{where}.n: must be an integer >= 2, got {n!r}")
 
     def one(d: Any, w: str) -> dict[str, list[float]]:
-        if not isinstance(d, Mapping):
-            raise ParamFileError(f"{w}: expected an object of five lists")
-        miss = [k for k in PARAM_NAMES if k not in d]
-        ext = sorted(set(d) - set(PARAM_NAMES))
-        if miss:
-            raise ParamFileError(f"{w}: missing field(s) {miss}")
-        if ext:
-            raise ParamFileError(f"{w}: unknown field(s) {ext}")
+        _require_fields(d, w, PARAM_NAMES, what="an object of five lists")
         cols = {}
         for k in PARAM_NAMES:
             col = d[k]
@@ -526,12 +526,7 @@ def _parse_v2(doc: Mapping[str, Any]) -> ParamTable:
 
 
 def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
-    missing = sorted(required - set(doc))
-    extra = sorted(set(doc) - required)
-    if missing:
-        raise ParamFileError(f"parameter file: missing field(s) {missing}")
-    if extra:
-        raise ParamFileError(f"parameter file: unknown field(s) {extra}")
+    _require_fields(doc, "parameter file", sorted(required))
     if not isinstance(doc["model"], str):
         raise ParamFileError("parameter file: model must be a string")
     created = doc["created"]
@@ -550,13 +545,7 @@ def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
     stats: dict[str, SkillStats] = {}
     for code, entry in doc["skills"].items():
         where = f"skill {code!r}"
-        if not isinstance(entry, Mapping):
-            raise ParamFileError(f"{where}: expected an object with a 'params' field")
-        if "params" not in entry:
-            raise ParamFileError(f"{where}: missing field ['params']")
-        extra = sorted(set(entry) - _STAT_FIELDS)
-        if extra:
-            raise ParamFileError(f"{where}: unknown field(s) {extra}")
+        _require_fields(entry, where, ("params",), _STAT_FIELDS, "an object with a 'params' field")
         skills[code] = BKTParams.from_dict(entry["params"], where=f"{where}.params")
         s = SkillStats.from_dict(entry, where=where)
         if s.to_dict():
