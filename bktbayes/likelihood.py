@@ -48,6 +48,22 @@ _JIT_FMA = {**_JIT, "fastmath": {"contract"}}
 _LOG_EVERY = 8
 
 
+# Rows of the per-block scratch array of forward_logp_grad: one flat array
+# with rows of a compile-time length _BS. With separate arrays (or rows of a
+# runtime stride) LLVM needs a runtime alias check per pair of rows and gives
+# up vectorising; with a constant stride it proves independence statically.
+# 128 sequences per block keep the 18 rows (18 KiB) in L1; 256 spill to L2
+# and cost about 20% here.
+_BS = 128
+#: Block size to pack events with for :func:`forward_logp_grad`.
+LIKELIHOOD_BLOCK_SIZE = _BS
+_P, _Q, _PR, _LL = 0, 1, 2, 3
+_DP = 4  # 4..8: d p / d (init, transit, guess, slip, forget)
+_G = 9  # 9..13: d log-likelihood / d (init, transit, guess, slip, forget)
+_PS, _PG, _PT, _PF = 14, 15, 16, 17  # the sequence's slip, guess, transit, forget
+_ROWS = 18
+
+
 @nb.njit(**_JIT)
 def _block_size(block_seq):
     bs = 1
@@ -90,71 +106,61 @@ def forward_logp(
         the posterior followed by the transition, the quantity the serving
         tracer reports.
     """
-    bs = _block_size(block_seq)
-    P = np.empty(bs)
-    Q = np.empty(bs)
-    PR = np.empty(bs)
-    LL = np.empty(bs)
+    if _block_size(block_seq) > _BS:
+        raise ValueError(
+            "forward_logp needs lockstep blocks of at most LIKELIHOOD_BLOCK_SIZE sequences"
+        )
+    # Flat scratch with rows of constant length _BS (see forward_logp_grad).
+    W = np.zeros(8 * _BS)
     for b in range(block_seq.shape[0] - 1):
         q0 = block_seq[b]
         m = block_seq[b + 1] - q0
         for j in range(m):
-            P[j] = p_init[q0 + j]
-            Q[j] = 1.0 - p_init[q0 + j]
-            PR[j] = 1.0
-            LL[j] = 0.0
-        S = p_slip[q0 : q0 + m]
-        G = p_guess[q0 : q0 + m]
-        T = p_transit[q0 : q0 + m]
+            W[0 * _BS + j] = p_init[q0 + j]
+            W[1 * _BS + j] = 1.0 - p_init[q0 + j]
+            W[2 * _BS + j] = 1.0
+            W[3 * _BS + j] = 0.0
+            W[4 * _BS + j] = p_slip[q0 + j]
+            W[5 * _BS + j] = p_guess[q0 + j]
+            W[6 * _BS + j] = p_transit[q0 + j]
+            W[7 * _BS + j] = 0.0 if p_forget is None else p_forget[q0 + j]
         pos = block_ev[b]
         for ti in range(step_ptr[b], step_ptr[b + 1]):
             n = step_count[ti]
             cc = correct[pos : pos + n]
             for j in range(n):
-                p = P[j]
-                q = Q[j]
+                p = W[0 * _BS + j]
+                q = W[1 * _BS + j]
                 c = cc[j] != 0
-                a = (1.0 - S[j]) if c else S[j]
-                bb = G[j] if c else (1.0 - G[j])
+                sl = W[4 * _BS + j]
+                g = W[5 * _BS + j]
+                a = (1.0 - sl) if c else sl
+                bb = g if c else (1.0 - g)
                 pa = p * a
                 qb = q * bb
                 lik = pa + qb
                 inv = 1.0 / lik
-                PR[j] *= lik
+                W[2 * _BS + j] *= lik
                 pp = pa * inv
                 pq = qb * inv
+                t = W[6 * _BS + j]
                 if p_forget is None:
-                    P[j] = pp + pq * T[j]
-                    Q[j] = pq * (1.0 - T[j])
+                    f = 0.0
                 else:
-                    f = p_forget[q0 + j]
-                    P[j] = pp * (1.0 - f) + pq * T[j]
-                    Q[j] = pp * f + pq * (1.0 - T[j])
-                if out_mast is not None:
-                    out_mast[pos + j] = P[j]
+                    f = W[7 * _BS + j]
+                W[0 * _BS + j] = pp * (1.0 - f) + pq * t
+                W[1 * _BS + j] = pp * f + pq * (1.0 - t)
+            if out_mast is not None:
+                om = out_mast[pos : pos + n]
+                for j in range(n):
+                    om[j] = W[0 * _BS + j]
             if (ti - step_ptr[b]) % _LOG_EVERY == _LOG_EVERY - 1:
                 for j in range(n):
-                    LL[j] += np.log(PR[j])
-                    PR[j] = 1.0
+                    W[3 * _BS + j] += np.log(W[2 * _BS + j])
+                    W[2 * _BS + j] = 1.0
             pos += n
         for j in range(m):
-            out_logp[q0 + j] = LL[j] + np.log(PR[j])
-
-
-# Rows of the per-block scratch array of forward_logp_grad: one flat array
-# with rows of a compile-time length _BS. With separate arrays (or rows of a
-# runtime stride) LLVM needs a runtime alias check per pair of rows and gives
-# up vectorising; with a constant stride it proves independence statically.
-# 128 sequences per block keep the 18 rows (18 KiB) in L1; 256 spill to L2
-# and cost about 20% here.
-_BS = 128
-#: Block size to pack events with for :func:`forward_logp_grad`.
-LIKELIHOOD_BLOCK_SIZE = _BS
-_P, _Q, _PR, _LL = 0, 1, 2, 3
-_DP = 4  # 4..8: d p / d (init, transit, guess, slip, forget)
-_G = 9  # 9..13: d log-likelihood / d (init, transit, guess, slip, forget)
-_PS, _PG, _PT, _PF = 14, 15, 16, 17  # the sequence's slip, guess, transit, forget
-_ROWS = 18
+            out_logp[q0 + j] = W[3 * _BS + j] + np.log(W[2 * _BS + j])
 
 
 @nb.njit(**_JIT_FMA)
@@ -502,3 +508,61 @@ def skill_newton(
             converged = True
             break
     return {"x": x, "loglik": lp, "n_eval": n_eval, "n_iter": it, "converged": converged}
+
+
+@nb.njit(parallel=True, **_JIT)
+def draws_logp(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out,
+):
+    """Per-sequence log-likelihood for many parameter draws (threads over draws).
+
+    Parameters
+    ----------
+    correct, block_seq, block_ev, step_ptr, step_count
+        The lockstep layout.
+    p_init, p_transit, p_guess, p_slip, p_forget : float64 arrays, shape (n_draws, n_seqs)
+        ``p_forget`` may be None.
+    out : float64 array, shape (n_draws, n_seqs)
+        Written: the pointwise log-likelihood that PSIS-LOO needs.
+    """
+    for d in nb.prange(p_init.shape[0]):
+        row = np.empty(p_init.shape[1])
+        if p_forget is None:
+            forward_logp(
+                correct,
+                block_seq,
+                block_ev,
+                step_ptr,
+                step_count,
+                p_init[d],
+                p_transit[d],
+                p_guess[d],
+                p_slip[d],
+                None,
+                row,
+            )
+        else:
+            forward_logp(
+                correct,
+                block_seq,
+                block_ev,
+                step_ptr,
+                step_count,
+                p_init[d],
+                p_transit[d],
+                p_guess[d],
+                p_slip[d],
+                p_forget[d],
+                row,
+            )
+        out[d] = row

@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from .data import PackedEvents, pack_events
-from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp
+from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp
 from .params import jsonable
 
 __all__ = [
@@ -576,16 +576,12 @@ class BKTModel:
         n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
         ll = np.empty((n_chain * n_draw, pk.n_seqs))
         data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
-        for i in range(ll.shape[0]):
-            forward_logp(
-                *data,
-                nat["p_init"][i],
-                nat["p_transit"][i],
-                nat["p_guess"][i],
-                nat["p_slip"][i],
-                nat["p_forget"][i] if "p_forget" in nat else None,
-                ll[i],
-            )
+        draws_logp(
+            *data,
+            *(np.ascontiguousarray(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+            np.ascontiguousarray(nat["p_forget"]) if "p_forget" in nat else None,
+            ll,
+        )
         seq_labels = [
             f"{pe.users[u]}|{pe.skills[s]}" for u, s in zip(pk.seq_user, pk.seq_skill, strict=True)
         ]

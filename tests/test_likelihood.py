@@ -11,7 +11,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from bktbayes.likelihood import forward_logp, forward_logp_grad
+from bktbayes.likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp, forward_logp_grad
 from bktbayes.packing import pack_codes
 from bktbayes.params import BKTParams, ParamTable
 from bktbayes.tracing import replay
@@ -167,7 +167,13 @@ def test_filter_equals_serving_tracer():
     )
     res = replay(ev, table)
     skills = np.unique(ev["skill"])
-    pk = pack_codes(ev["user_id"], np.searchsorted(skills, ev["skill"]), ev["order"], ev["correct"])
+    pk = pack_codes(
+        ev["user_id"],
+        np.searchsorted(skills, ev["skill"]),
+        ev["order"],
+        ev["correct"],
+        block_size=LIKELIHOOD_BLOCK_SIZE,
+    )
     mat = np.array([table[s].as_tuple() for s in skills])[pk.seq_skill]
     out = np.empty(pk.n_seqs)
     mast = np.empty(n)
@@ -186,3 +192,20 @@ def test_log_every_keeps_long_products_finite():
     prm = [np.array([0.999]), np.array([0.5]), np.array([0.01]), np.array([0.01]), None]
     forward_logp(*_layout(pk), *prm, out)
     assert np.isfinite(out[0]) and out[0] < -1000
+
+
+def test_draws_logp_matches_one_draw_at_a_time():
+    from bktbayes.likelihood import draws_logp
+
+    rng = np.random.default_rng(5)
+    pk, _ = _random_packed(rng, 300, 25, block_size=LIKELIHOOD_BLOCK_SIZE)
+    n_draws = 7
+    prm = [rng.uniform(0.05, 0.45, (n_draws, pk.n_seqs)) for _ in range(4)]
+    forget = rng.uniform(0.0, 0.3, (n_draws, pk.n_seqs))
+    for f in (None, forget):
+        out = np.empty((n_draws, pk.n_seqs))
+        draws_logp(*_layout(pk), *prm, f, out)
+        for d in range(n_draws):
+            one = np.empty(pk.n_seqs)
+            forward_logp(*_layout(pk), *(x[d] for x in prm), None if f is None else f[d], one)
+            np.testing.assert_array_equal(out[d], one)
