@@ -60,7 +60,9 @@ def report(label: str, m: BKTModel, wall: float) -> None:
     fi = m.fit_info
     print(
         f"{label}: wall {wall:.1f} s = compile {fi['compile_seconds']:.1f} s + sampling "
-        f"{fi['sampling_seconds']:.1f} s (+ build, init, log-likelihood, diagnostics)"
+        f"{fi['sampling_seconds']:.1f} s + build {fi['build_seconds']:.1f} s + init "
+        f"{fi['init_seconds']:.1f} s + pointwise log-likelihood {fi['loglik_seconds']:.1f} s "
+        f"+ diagnostics {fi['diagnostics_seconds']:.1f} s"
     )
     print(
         f"  max R-hat {d['max_rhat']:.4f}; min bulk ESS {d['min_ess_bulk']:.0f}; "

@@ -403,6 +403,7 @@ def skill_newton(
     prior_mean: np.ndarray | None = None,
     max_iter: int = 30,
     tol: float = 1e-2,
+    subset=None,
 ) -> dict:
     """Per-skill maximum (penalised) likelihood by block-diagonal Newton steps.
 
@@ -431,6 +432,10 @@ def skill_newton(
     tol : float
         Stop when an iteration raises the total objective by less than
         ``tol`` nats (a skill whose Newton step promises less is done).
+    subset : callable, optional
+        ``subset(mask) -> (layout, seq_skill)`` for the sequences of the
+        skills in ``mask`` only. Late iterations move few skills; once fewer
+        than a third are still moving, evaluations run on theirs alone.
 
     Returns
     -------
@@ -445,12 +450,15 @@ def skill_newton(
     g = np.empty((n_par, n_skill))
     n_eval = 0
 
+    cur_layout, cur_seq_skill = layout, seq_skill
+    moving = np.ones(n_skill, dtype=bool)  # skills evaluated by cur_layout
+
     def evaluate(xx):
         nonlocal n_eval
         n_eval += 1
-        lp_ = np.empty(n_skill)
-        g_ = np.empty((n_par, n_skill))
-        skill_logp_grad(*layout, seq_skill, xx, ordered, lp_, g_)
+        lp_ = np.zeros(n_skill)
+        g_ = np.zeros((n_par, n_skill))
+        skill_logp_grad(*cur_layout, cur_seq_skill, xx, ordered, lp_, g_)
         obj = lp_ - 0.5 * ridge * ((xx - mu) ** 2).sum(axis=0)
         return lp_, obj, g_ - ridge * (xx - mu)
 
@@ -470,9 +478,11 @@ def skill_newton(
         neg = -hess
         eye = np.eye(n_par)
         diag = 1.0 + np.abs(np.diagonal(neg, axis1=1, axis2=2))
-        # Skills whose Newton step promises less than tol are done: retrying
-        # them would cost a full evaluation of every skill for nothing.
-        done = np.zeros(n_skill, dtype=bool)
+        # Skills whose Newton step promises less than 1e-4 nats are done:
+        # retrying them would cost a full evaluation of every skill for
+        # nothing. Skills outside the current subset are frozen.
+        done = ~moving.copy()
+        neg[done] = eye
         gain = np.zeros(n_skill)
         for _ in range(8):
             a = neg + (lam[:, None] * diag)[:, :, None] * eye
@@ -507,6 +517,18 @@ def skill_newton(
         if gain.sum() < tol:
             converged = True
             break
+        still = gain > 1e-4
+        if not still.any():
+            converged = True
+            break
+        if subset is not None and still.sum() < moving.sum() / 3:
+            cur_layout, cur_seq_skill = subset(still)
+            moving = still
+            # Re-evaluate on the subset: values of the frozen skills are kept.
+            lpn, objn, gn = evaluate(x)
+            lp[moving] = lpn[moving]
+            obj[moving] = objn[moving]
+            g[:, moving] = gn[:, moving]
     return {"x": x, "loglik": lp, "n_eval": n_eval, "n_iter": it, "converged": converged}
 
 

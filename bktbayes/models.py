@@ -44,6 +44,7 @@ import pandas as pd
 
 from .data import PackedEvents, pack_events
 from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp
+from .packing import pack_codes
 from .params import jsonable
 
 __all__ = [
@@ -380,6 +381,25 @@ class BKTModel:
         n_skill = len(self._packed.skills)
         layout = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
         mu0 = np.array([[self.prior(f"mu_{g}")["mu"]] for g in groups])
+        correct = self._packed.correct
+
+        def subset(mask):
+            # The sequences of the skills in mask, re-packed (O(their events)).
+            seqs = np.flatnonzero(mask[pk.seq_skill])
+            lens = pk.seq_len[seqs]
+            offs = np.repeat(pk.seq_start[seqs] - np.cumsum(lens) + lens, lens)
+            rows = pk.csr_row[offs + np.arange(int(lens.sum()))]
+            sub = pack_codes(
+                np.repeat(np.arange(seqs.size), lens),
+                np.repeat(pk.seq_skill[seqs], lens),
+                np.arange(rows.size),
+                correct[rows],
+                n_skill=n_skill,
+                block_size=LIKELIHOOD_BLOCK_SIZE,
+            )
+            lay = (sub.lock_correct, sub.block_seq, sub.block_ev, sub.step_ptr, sub.step_count)
+            return lay, sub.seq_skill
+
         res = skill_newton(
             layout,
             pk.seq_skill,
@@ -387,6 +407,7 @@ class BKTModel:
             ordered=self.config.guess_slip == "ordered",
             prior_mean=mu0,
             max_iter=max_iter,
+            subset=subset,
         )
         lg = {g: res["x"][i] for i, g in enumerate(groups)}
         out = {
@@ -479,7 +500,9 @@ class BKTModel:
         """
         import time
 
+        tb = time.perf_counter()
         model = self.build_model(events)
+        ti = time.perf_counter()
         pts = None
         if init == "fast_estimate":
             pts = self._initial_points(self.fast_estimate())
@@ -529,8 +552,15 @@ class BKTModel:
             sampling_seconds=t2 - t1,
         )
         idata = self._complete(idata)
+        t3 = time.perf_counter()
         self.idata = idata
         self.diagnostics = self.check_diagnostics(warn=warn)
+        self.fit_info.update(
+            build_seconds=ti - tb,
+            init_seconds=t0 - ti,
+            loglik_seconds=t3 - t2,
+            diagnostics_seconds=time.perf_counter() - t3,
+        )
         return idata
 
     def _seq_natural(self, post) -> dict[str, np.ndarray]:
@@ -539,26 +569,32 @@ class BKTModel:
         sk = pk.seq_skill
 
         def stack(name):
-            da = post[name]
-            return da.stack(sample=("chain", "draw")).transpose("sample", ...).values
+            # (chain, draw, dim) -> C-contiguous (sample, dim): indexing its
+            # columns by sequence then yields C-contiguous (sample, n_seqs).
+            v = np.asarray(post[name].transpose("chain", "draw", ...).values)
+            return np.ascontiguousarray(v.reshape(v.shape[0] * v.shape[1], -1))
 
         out = {}
         if self.config.student_effects:
-            init = stack("init_logit")[:, sk] + stack("student_init")[:, pk.seq_user]
-            tr = stack("transit_logit")[:, sk]
+            init = np.take(stack("init_logit"), sk, axis=1) + np.take(
+                stack("student_init"), pk.seq_user, axis=1
+            )
+            tr = np.take(stack("transit_logit"), sk, axis=1)
             if self.config.student_effects == "init+transit":
-                tr = tr + stack("student_transit")[:, pk.seq_user]
+                tr = tr + np.take(stack("student_transit"), pk.seq_user, axis=1)
             out["p_init"] = _sigmoid(init)
             out["p_transit"] = _sigmoid(tr)
             if self.config.forgetting:
-                out["p_forget"] = (1 - out["p_transit"]) * _sigmoid(stack("forget_logit")[:, sk])
+                out["p_forget"] = (1 - out["p_transit"]) * _sigmoid(
+                    np.take(stack("forget_logit"), sk, axis=1)
+                )
         else:
-            out["p_init"] = stack("p_init")[:, sk]
-            out["p_transit"] = stack("p_transit")[:, sk]
+            out["p_init"] = np.take(stack("p_init"), sk, axis=1)
+            out["p_transit"] = np.take(stack("p_transit"), sk, axis=1)
             if self.config.forgetting:
-                out["p_forget"] = stack("p_forget")[:, sk]
-        out["p_guess"] = stack("p_guess")[:, sk]
-        out["p_slip"] = stack("p_slip")[:, sk]
+                out["p_forget"] = np.take(stack("p_forget"), sk, axis=1)
+        out["p_guess"] = np.take(stack("p_guess"), sk, axis=1)
+        out["p_slip"] = np.take(stack("p_slip"), sk, axis=1)
         return out
 
     def _complete(self, idata):
