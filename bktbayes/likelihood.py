@@ -588,3 +588,73 @@ def draws_logp(
                 row,
             )
         out[d] = row
+
+
+@nb.njit(**_JIT)
+def skill_total_logp_grad(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    seq_skill,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out_grad,
+):
+    """Total log-likelihood and its gradient with respect to per-skill parameters.
+
+    The gather of skill parameters to sequences and the sum of the
+    per-sequence gradients back to skills happen here, in one pass, instead
+    of as separate graph operations around the kernel.
+
+    Parameters
+    ----------
+    correct, block_seq, block_ev, step_ptr, step_count
+        The lockstep layout.
+    seq_skill : int64 array, shape (n_seqs,)
+    p_init, p_transit, p_guess, p_slip : float64 arrays, shape (n_skills,)
+    p_forget : float64 array, shape (n_skills,), or None
+    out_grad : float64 array, shape (5, n_skills)
+        Written: d total / d parameter (row 4 zero without forgetting).
+
+    Returns
+    -------
+    float
+        The total log-likelihood (nats).
+    """
+    n_seq = seq_skill.shape[0]
+    pi = np.empty(n_seq)
+    pt = np.empty(n_seq)
+    pg = np.empty(n_seq)
+    ps = np.empty(n_seq)
+    pf = np.zeros(n_seq)
+    for q in range(n_seq):
+        s = seq_skill[q]
+        pi[q] = p_init[s]
+        pt[q] = p_transit[s]
+        pg[q] = p_guess[s]
+        ps[q] = p_slip[s]
+        if p_forget is not None:
+            pf[q] = p_forget[s]
+    logp = np.empty(n_seq)
+    grad = np.zeros((5, n_seq))
+    if p_forget is None:
+        forward_logp_grad(
+            correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, None, logp, grad
+        )
+    else:
+        forward_logp_grad(
+            correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, pf, logp, grad
+        )
+    out_grad[:] = 0.0
+    total = 0.0
+    for q in range(n_seq):
+        s = seq_skill[q]
+        total += logp[q]
+        for k in range(5):
+            out_grad[k, s] += grad[k, q]
+    return total

@@ -253,9 +253,10 @@ class BKTModel:
         pymc.Model
         """
         import pymc as pm
+        import pytensor
         import pytensor.tensor as pt
 
-        from .ops import bkt_loglik, layout_inputs, scan_loglik
+        from .ops import bkt_loglik, bkt_skill_loglik, layout_inputs, scan_loglik
 
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
@@ -333,13 +334,22 @@ class BKTModel:
                 pt_seq = p_tr_s[seq_skill]
                 f_seq = f_s[seq_skill] if cfg.forgetting else None
             if self._likelihood == "scan":
-                ll = scan_loglik(
+                total = scan_loglik(
                     *_padded(pk), pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
-                )
-            else:
+                ).sum()
+            elif cfg.student_effects:
+                # Parameters differ per sequence: the per-sequence Op, with
+                # PyTensor gathering and scattering.
                 data = layout_inputs(pk)
-                ll = bkt_loglik(data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq)
-            pm.Potential("loglik", ll.sum())
+                total = bkt_loglik(
+                    data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
+                ).sum()
+            else:
+                # Parameters per skill: the kernel gathers and sums itself.
+                data = layout_inputs(pk)
+                sk_data = pytensor.shared(seq_skill.astype(np.int64), name="bkt_seq_skill")
+                total = bkt_skill_loglik(data, sk_data, p_init_s, p_tr_s, g_s, s_s, f_s)
+            pm.Potential("loglik", total)
         self.model = model
         return model
 

@@ -23,10 +23,17 @@ from pytensor.graph.op import Op
 from pytensor.link.numba.dispatch import basic as numba_basic
 from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
 
-from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp_grad
+from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp_grad, skill_total_logp_grad
 from .packing import Packed
 
-__all__ = ["BKTLogLik", "bkt_loglik", "layout_inputs", "scan_loglik"]
+__all__ = [
+    "BKTLogLik",
+    "BKTSkillLogLik",
+    "bkt_loglik",
+    "bkt_skill_loglik",
+    "layout_inputs",
+    "scan_loglik",
+]
 
 # Bump when the kernel's maths or signature changes: it salts PyTensor's cache key.
 _CACHE_VERSION = 1
@@ -143,6 +150,112 @@ def _numba_funcify_bkt_loglik(op, node=None, **kwargs):
         return _kernel_call(correct, bseq, bev, sptr, scount, pi, pt_, pg, ps, None)
 
     return bkt_loglik, _CACHE_VERSION
+
+
+class BKTSkillLogLik(Op):
+    """Total BKT log-likelihood from per-skill parameters (models without
+    per-student effects).
+
+    Inputs: the five lockstep data inputs, ``seq_skill`` (int64, the skill of
+    each sequence), then ``p_init``, ``p_transit``, ``p_guess``, ``p_slip``
+    (and ``p_forget``) per skill. Outputs: the total (0-d) and its gradient
+    (5, n_skills). The gather to sequences and the sum back to skills run
+    inside the kernel (:func:`bktbayes.likelihood.skill_total_logp_grad`).
+    """
+
+    __props__ = ("forgetting",)
+
+    def __init__(self, forgetting: bool = False) -> None:
+        self.forgetting = bool(forgetting)
+
+    def make_node(self, *inputs):
+        n_par = 5 if self.forgetting else 4
+        if len(inputs) != _N_DATA + 1 + n_par:
+            raise TypeError(
+                f"BKTSkillLogLik expects {_N_DATA + 1 + n_par} inputs, got {len(inputs)}"
+            )
+        data = [pt.as_tensor_variable(x) for x in inputs[: _N_DATA + 1]]
+        params = [pt.as_tensor_variable(x).astype("float64") for x in inputs[_N_DATA + 1 :]]
+        for x in (*data, *params):
+            if x.ndim != 1:
+                raise TypeError(f"BKTSkillLogLik inputs must be vectors, got {x.type}")
+        return Apply(self, [*data, *params], [pt.dscalar("logp"), pt.dmatrix("grad")])
+
+    def perform(self, node, inputs, output_storage):
+        *data, seq_skill = (np.ascontiguousarray(x) for x in inputs[: _N_DATA + 1])
+        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[_N_DATA + 1 :]]
+        grad = np.zeros((5, p[0].shape[0]))
+        pf = p[4] if self.forgetting else None
+        total = skill_total_logp_grad(*data, seq_skill, p[0], p[1], p[2], p[3], pf, grad)
+        output_storage[0][0] = np.asarray(total)
+        output_storage[1][0] = grad
+
+    def connection_pattern(self, node):
+        n_data = _N_DATA + 1
+        return [[False, False]] * n_data + [[True, True]] * (len(node.inputs) - n_data)
+
+    def pullback(self, inputs, outputs, cotangents):
+        g_total, g_grad = cotangents
+        n_data = _N_DATA + 1
+        if not isinstance(g_grad.type, DisconnectedType):
+            return [disconnected_type() for _ in range(n_data)] + [
+                grad_not_implemented(self, i, x) for i, x in enumerate(inputs) if i >= n_data
+            ]
+        if isinstance(g_total.type, DisconnectedType):
+            return [disconnected_type() for _ in inputs]
+        grad = outputs[1]
+        return [disconnected_type() for _ in range(n_data)] + [
+            g_total * grad[k] for k in range(len(inputs) - n_data)
+        ]
+
+    def infer_shape(self, node, shapes):
+        return [(), (5, shapes[_N_DATA + 1][0])]
+
+
+@numba_basic.numba_njit
+def _skill_kernel_call(correct, bseq, bev, sptr, scount, seq_skill, pi, pt_, pg, ps, pf):
+    c = np.ascontiguousarray
+    grad = np.zeros((5, pi.shape[0]))
+    total = skill_total_logp_grad(
+        c(correct),
+        c(bseq),
+        c(bev),
+        c(sptr),
+        c(scount),
+        c(seq_skill),
+        c(pi),
+        c(pt_),
+        c(pg),
+        c(ps),
+        None if pf is None else c(pf),
+        grad,
+    )
+    # PyTensor's numba backend wants 0-d outputs as 0-d arrays.
+    return np.asarray(total), grad
+
+
+@register_funcify_default_op_cache_key(BKTSkillLogLik)
+def _numba_funcify_bkt_skill_loglik(op, node=None, **kwargs):
+    if op.forgetting:
+
+        @numba_basic.numba_njit
+        def bkt_skill_loglik_forget(correct, bseq, bev, sptr, scount, sk, pi, pt_, pg, ps, pf):
+            return _skill_kernel_call(correct, bseq, bev, sptr, scount, sk, pi, pt_, pg, ps, pf)
+
+        return bkt_skill_loglik_forget, _CACHE_VERSION
+
+    @numba_basic.numba_njit
+    def bkt_skill_loglik(correct, bseq, bev, sptr, scount, sk, pi, pt_, pg, ps):
+        return _skill_kernel_call(correct, bseq, bev, sptr, scount, sk, pi, pt_, pg, ps, None)
+
+    return bkt_skill_loglik, _CACHE_VERSION
+
+
+def bkt_skill_loglik(data: list, seq_skill, p_init, p_transit, p_guess, p_slip, p_forget=None):
+    """Total log-likelihood (a PyTensor scalar) from per-skill parameters."""
+    op = BKTSkillLogLik(forgetting=p_forget is not None)
+    params = [p_init, p_transit, p_guess, p_slip] + ([p_forget] if p_forget is not None else [])
+    return op(*data, seq_skill, *params)[0]
 
 
 def layout_inputs(packed: Packed, *, shared: bool = True) -> list:

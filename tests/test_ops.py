@@ -91,3 +91,40 @@ def test_data_inputs_are_disconnected(packed):
     assert pattern[:5] == [[False, False]] * 5
     assert all(p == [True, True] for p in pattern[5:])
     assert BKTLogLik(True) != BKTLogLik(False) and BKTLogLik(True) == BKTLogLik(True)
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_skill_op_matches_per_sequence_op(packed, forgetting):
+    from bktbayes.ops import bkt_skill_loglik
+
+    pk, _ = packed
+    x = pt.dmatrix("x")  # (5, n_skills) logits
+    p = pt.sigmoid(x)
+    f = (1 - p[1]) * p[4] if forgetting else None
+    data = layout_inputs(pk)
+    sk = pytensor.shared(pk.seq_skill.astype(np.int64))
+    total_skill = bkt_skill_loglik(data, sk, p[0], p[1], p[2] * 0.5, p[3] * 0.5, f)
+    seq = pk.seq_skill
+    total_seq = bkt_loglik(
+        data,
+        p[0][seq],
+        p[1][seq],
+        p[2][seq] * 0.5,
+        p[3][seq] * 0.5,
+        None if f is None else f[seq],
+    ).sum()
+    fa = pytensor.function([x], [total_skill, pytensor.grad(total_skill, x)], mode="NUMBA")
+    fb = pytensor.function([x], [total_seq, pytensor.grad(total_seq, x)], mode="NUMBA")
+    xv = np.random.default_rng(4).normal(-1, 0.6, (5, int(pk.seq_skill.max()) + 1))
+    va, ga = fa(xv)
+    vb, gb = fb(xv)
+    assert va == pytest.approx(vb, rel=1e-13)
+    np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-10)
+    verify_grad(
+        lambda xx: bkt_skill_loglik(
+            data, sk, *(pt.sigmoid(xx[k]) * (0.5 if k >= 2 else 1) for k in range(4))
+        ),
+        [xv[:4]],
+        rng=np.random.default_rng(5),
+        mode="NUMBA",
+    )
