@@ -500,6 +500,9 @@ class BKTModel:
             from PyMC's default initial point (can stall on real data).
         warn : bool
             Emit a :class:`ConvergenceWarning` when diagnostics fail.
+        adaptation : str
+            nutpie's mass-matrix adaptation (``"diag"``; ``"low_rank"`` did not
+            help on the bundled data).
 
         Returns
         -------
