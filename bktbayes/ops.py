@@ -40,7 +40,55 @@ _CACHE_VERSION = 1
 _N_DATA = 5  # correct, block_seq, block_ev, step_ptr, step_count
 
 
-class BKTLogLik(Op):
+class _KernelOp(Op):
+    """Shared plumbing of the likelihood Ops.
+
+    ``n_data`` leading vector inputs are data (disconnected from the
+    gradient); the rest are float64 parameter vectors. Output 0 is the
+    log-likelihood, output 1 its first derivatives (row k for parameter k),
+    whose product with the cotangent of output 0 is the pullback.
+    """
+
+    __props__ = ("forgetting",)
+    n_data = _N_DATA
+
+    def __init__(self, forgetting: bool = False) -> None:
+        self.forgetting = bool(forgetting)
+
+    def _outputs(self) -> list:
+        raise NotImplementedError
+
+    def make_node(self, *inputs):
+        n_par = 5 if self.forgetting else 4
+        name = type(self).__name__
+        if len(inputs) != self.n_data + n_par:
+            raise TypeError(f"{name} expects {self.n_data + n_par} inputs, got {len(inputs)}")
+        data = [pt.as_tensor_variable(x) for x in inputs[: self.n_data]]
+        params = [pt.as_tensor_variable(x).astype("float64") for x in inputs[self.n_data :]]
+        for x in (*data, *params):
+            if x.ndim != 1:
+                raise TypeError(f"{name} inputs must be vectors, got {x.type}")
+        return Apply(self, [*data, *params], self._outputs())
+
+    def connection_pattern(self, node):
+        n_par = len(node.inputs) - self.n_data
+        return [[False, False]] * self.n_data + [[True, True]] * n_par
+
+    def pullback(self, inputs, outputs, cotangents):
+        g_value, g_grad = cotangents
+        data = [disconnected_type() for _ in range(self.n_data)]
+        if not isinstance(g_grad.type, DisconnectedType):
+            # Second derivatives are not implemented (NUTS needs first ones).
+            return data + [
+                grad_not_implemented(self, i, x) for i, x in enumerate(inputs) if i >= self.n_data
+            ]
+        if isinstance(g_value.type, DisconnectedType):
+            return [disconnected_type() for _ in inputs]
+        grad = outputs[1]
+        return data + [g_value * grad[k] for k in range(len(inputs) - self.n_data)]
+
+
+class BKTLogLik(_KernelOp):
     """Per-sequence BKT log-likelihood.
 
     Inputs: the lockstep data (``correct`` uint8, ``block_seq``, ``block_ev``,
@@ -54,46 +102,14 @@ class BKTLogLik(Op):
     cotangent of ``logp`` by ``grad``; the data inputs are disconnected.
     """
 
-    __props__ = ("forgetting",)
-
-    def __init__(self, forgetting: bool = False) -> None:
-        self.forgetting = bool(forgetting)
-
-    def make_node(self, *inputs):
-        n_par = 5 if self.forgetting else 4
-        if len(inputs) != _N_DATA + n_par:
-            raise TypeError(f"BKTLogLik expects {_N_DATA + n_par} inputs, got {len(inputs)}")
-        data = [pt.as_tensor_variable(x) for x in inputs[:_N_DATA]]
-        params = [pt.as_tensor_variable(x).astype("float64") for x in inputs[_N_DATA:]]
-        for x in (*data, *params):
-            if x.ndim != 1:
-                raise TypeError(f"BKTLogLik inputs must be vectors, got {x.type}")
-        outputs = [pt.dvector("logp"), pt.dmatrix("grad")]
-        return Apply(self, [*data, *params], outputs)
+    def _outputs(self) -> list:
+        return [pt.dvector("logp"), pt.dmatrix("grad")]
 
     def perform(self, node, inputs, output_storage):
         correct, bseq, bev, sptr, scount, *params = inputs
         logp, grad = _run(correct, bseq, bev, sptr, scount, params, self.forgetting)
         output_storage[0][0] = logp
         output_storage[1][0] = grad
-
-    def connection_pattern(self, node):
-        return [[False, False]] * _N_DATA + [[True, True]] * (len(node.inputs) - _N_DATA)
-
-    def pullback(self, inputs, outputs, cotangents):
-        g_logp, g_grad = cotangents
-        if not isinstance(g_grad.type, DisconnectedType):
-            # Second derivatives are not implemented (NUTS needs first ones).
-            return [disconnected_type() for _ in range(_N_DATA)] + [
-                grad_not_implemented(self, i, x) for i, x in enumerate(inputs) if i >= _N_DATA
-            ]
-        if isinstance(g_logp.type, DisconnectedType):
-            return [disconnected_type() for _ in inputs]
-        grad = outputs[1]
-        n_par = len(inputs) - _N_DATA
-        return [disconnected_type() for _ in range(_N_DATA)] + [
-            g_logp * grad[k] for k in range(n_par)
-        ]
 
     def infer_shape(self, node, shapes):
         n = shapes[_N_DATA][0]
@@ -152,7 +168,7 @@ def _numba_funcify_bkt_loglik(op, node=None, **kwargs):
     return bkt_loglik, _CACHE_VERSION
 
 
-class BKTSkillLogLik(Op):
+class BKTSkillLogLik(_KernelOp):
     """Total BKT log-likelihood from per-skill parameters (models without
     per-student effects).
 
@@ -163,53 +179,22 @@ class BKTSkillLogLik(Op):
     inside the kernel (:func:`bktbayes.likelihood.skill_total_logp_grad`).
     """
 
-    __props__ = ("forgetting",)
+    n_data = _N_DATA + 1
 
-    def __init__(self, forgetting: bool = False) -> None:
-        self.forgetting = bool(forgetting)
-
-    def make_node(self, *inputs):
-        n_par = 5 if self.forgetting else 4
-        if len(inputs) != _N_DATA + 1 + n_par:
-            raise TypeError(
-                f"BKTSkillLogLik expects {_N_DATA + 1 + n_par} inputs, got {len(inputs)}"
-            )
-        data = [pt.as_tensor_variable(x) for x in inputs[: _N_DATA + 1]]
-        params = [pt.as_tensor_variable(x).astype("float64") for x in inputs[_N_DATA + 1 :]]
-        for x in (*data, *params):
-            if x.ndim != 1:
-                raise TypeError(f"BKTSkillLogLik inputs must be vectors, got {x.type}")
-        return Apply(self, [*data, *params], [pt.dscalar("logp"), pt.dmatrix("grad")])
+    def _outputs(self) -> list:
+        return [pt.dscalar("logp"), pt.dmatrix("grad")]
 
     def perform(self, node, inputs, output_storage):
-        *data, seq_skill = (np.ascontiguousarray(x) for x in inputs[: _N_DATA + 1])
-        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[_N_DATA + 1 :]]
+        *data, seq_skill = (np.ascontiguousarray(x) for x in inputs[: self.n_data])
+        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
         grad = np.zeros((5, p[0].shape[0]))
         pf = p[4] if self.forgetting else None
         total = skill_total_logp_grad(*data, seq_skill, p[0], p[1], p[2], p[3], pf, grad)
         output_storage[0][0] = np.asarray(total)
         output_storage[1][0] = grad
 
-    def connection_pattern(self, node):
-        n_data = _N_DATA + 1
-        return [[False, False]] * n_data + [[True, True]] * (len(node.inputs) - n_data)
-
-    def pullback(self, inputs, outputs, cotangents):
-        g_total, g_grad = cotangents
-        n_data = _N_DATA + 1
-        if not isinstance(g_grad.type, DisconnectedType):
-            return [disconnected_type() for _ in range(n_data)] + [
-                grad_not_implemented(self, i, x) for i, x in enumerate(inputs) if i >= n_data
-            ]
-        if isinstance(g_total.type, DisconnectedType):
-            return [disconnected_type() for _ in inputs]
-        grad = outputs[1]
-        return [disconnected_type() for _ in range(n_data)] + [
-            g_total * grad[k] for k in range(len(inputs) - n_data)
-        ]
-
     def infer_shape(self, node, shapes):
-        return [(), (5, shapes[_N_DATA + 1][0])]
+        return [(), (5, shapes[self.n_data][0])]
 
 
 @numba_basic.numba_njit
