@@ -50,7 +50,7 @@ def _out_paths(out: Path, mastery_out: Path | None) -> tuple[Path, Path]:
 
 def _load_params(path: str | None) -> ParamTable:
     if path is None:
-        return ParamTable(model="seed-defaults")
+        return ParamTable.seed_defaults()
     return ParamTable.from_json(path)
 
 

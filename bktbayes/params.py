@@ -302,6 +302,13 @@ class ParamTable(Mapping[str, BKTParams]):
             _check_draws(draws, set(self._skills), "draws") if draws is not None else None
         )
 
+    @classmethod
+    def seed_defaults(cls) -> ParamTable:
+        """The seed card's defaults for every skill, with a fixed creation time
+        so that its :attr:`version` is the same in every process (serving rows
+        written with it compare equal across restarts)."""
+        return cls(model="seed-defaults", created="2026-01-01T00:00:00+00:00")
+
     # Mapping protocol -------------------------------------------------
     def __getitem__(self, skill: Any) -> BKTParams:
         return self._skills[str(skill)]

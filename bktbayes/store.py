@@ -1,0 +1,923 @@
+"""The seed card's mastery service on a relational database (SQLAlchemy 2).
+
+One row per (user, skill) holds the stored P(mastery), the attempt counts, the
+status by the seed's thresholds and the version of the parameters that
+produced it; an append-only event log holds every response with the batch
+(one call) it arrived in. SQLite is the embedded default, PostgreSQL the
+production target; both are tested for real.
+
+Where the clamp applies
+-----------------------
+Exactly where the seed applies it: when a mastery value is *stored*. A call
+(one batch: a flashcard session, one exam answer's skills) starts from the
+stored value (or the skill's ``p_init`` for a new row, unclamped), runs the
+tracer's update over the batch's responses in order, and stores the result
+clamped to [0.01, 0.99]. The next batch starts from the clamped value.
+:meth:`MasteryStore.recalculate` replays the log in arrival order with the
+batch id as :func:`bktbayes.tracing.replay`'s batch key, which clamps at the
+same places, so it reproduces the incremental rows.
+
+Concurrency and durability
+--------------------------
+Every write is one transaction. On PostgreSQL the (user, skill) rows a call
+touches are locked (``INSERT ... ON CONFLICT DO UPDATE ... RETURNING``, in
+sorted order so that exam answers over several skills cannot deadlock) before
+the events are appended, so the log order of a (user, skill) is the order of
+its updates. On SQLite every write transaction is ``BEGIN IMMEDIATE`` (one
+writer at a time, others wait up to ``busy_timeout``), in WAL mode with
+``synchronous=FULL``. A method returns only after its commit.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .params import BKTInputError, BKTParams, ParamTable
+from .tracing import BayesianKnowledgeTracer, clamp, mastery_status
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EventConflictError",
+    "MasteryRow",
+    "MasteryStore",
+    "RecalcResult",
+    "RecordResult",
+    "StoreInputError",
+    "update_mastery_bkt",
+]
+
+#: Version of the database schema, kept in ``bkt_meta`` for later migrations.
+SCHEMA_VERSION = 1
+#: Longest user id, skill code, event id or source accepted.
+MAX_ID_LENGTH = 200
+#: Most responses in one call (one batch).
+MAX_BATCH = 10_000
+
+SOURCES = ("flashcard", "exam", "import")
+
+
+class StoreInputError(BKTInputError):
+    """Bad input to the store; nothing was written."""
+
+
+class EventConflictError(StoreInputError):
+    """An event id already in the log was sent again with different content."""
+
+
+metadata = sa.MetaData()
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY (the rowid alias).
+_BigID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+meta_table = sa.Table(
+    "bkt_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(200), nullable=False),
+)
+
+batches = sa.Table(
+    "bkt_batches",
+    metadata,
+    sa.Column("batch_id", _BigID, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.String(MAX_ID_LENGTH), nullable=False, index=True),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("n_events", sa.Integer, nullable=False),
+)
+
+events = sa.Table(
+    "bkt_events",
+    metadata,
+    # Arrival order: the order of history for replay, whatever the event's own time.
+    sa.Column("seq", _BigID, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(MAX_ID_LENGTH), nullable=False),
+    sa.Column("user_id", sa.String(MAX_ID_LENGTH), nullable=False),
+    sa.Column("skill", sa.String(MAX_ID_LENGTH), nullable=False),
+    sa.Column("correct", sa.Boolean, nullable=False),
+    sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("batch_id", sa.BigInteger, nullable=False),
+    # An exam answer tagged with several skills is one row per skill, sharing its id.
+    sa.UniqueConstraint("event_id", "skill", name="uq_bkt_events_event_skill"),
+    sa.Index("ix_bkt_events_user_skill", "user_id", "skill"),
+)
+
+mastery_table = sa.Table(
+    "bkt_mastery",
+    metadata,
+    sa.Column("user_id", sa.String(MAX_ID_LENGTH), primary_key=True),
+    sa.Column("skill", sa.String(MAX_ID_LENGTH), primary_key=True),
+    sa.Column("p_mastery", sa.Double, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("correct_attempts", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("param_version", sa.String(64), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class MasteryRow:
+    """One (user, skill)'s stored mastery.
+
+    ``p_mastery`` is clamped to [0.01, 0.99]; ``stored`` is False for a
+    (user, skill) with no events yet (then ``p_mastery`` is the prior
+    ``p_init``, clamped, and the counts are 0). ``known_skill`` says whether the
+    parameter table knows the skill or the population default was used.
+    """
+
+    user_id: str
+    skill: str
+    p_mastery: float
+    attempts: int
+    correct_attempts: int
+    status: str
+    param_version: str
+    updated_at: datetime | None
+    known_skill: bool
+    stored: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["updated_at"] = self.updated_at.isoformat() if self.updated_at else None
+        return d
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What a write did: the rows after it, how many events it logged, which
+    event ids were already in the log (ignored), and its batch id."""
+
+    user_id: str
+    mastery: dict[str, MasteryRow]
+    recorded: int
+    duplicates: list[str] = field(default_factory=list)
+    batch_id: int | None = None
+
+
+@dataclass(frozen=True)
+class RecalcResult:
+    """Outcome of :meth:`MasteryStore.recalculate` with its timings (seconds)."""
+
+    n_events: int
+    n_rows: int
+    param_version: str
+    bulk_read: str
+    seconds_read: float
+    seconds_replay: float
+    seconds_write: float
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_read + self.seconds_replay + self.seconds_write
+
+
+def _check_id(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise StoreInputError(f"{name} must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_LENGTH:
+        raise StoreInputError(f"{name} must have 1 to {MAX_ID_LENGTH} characters, got {value!r}")
+    # PostgreSQL text cannot hold NUL; control characters in ids are always a bug upstream.
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise StoreInputError(f"{name} contains control characters: {value!r}")
+    return value
+
+
+def _check_correct(where: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    raise StoreInputError(f"{where}: correct must be true/false or 0/1, got {value!r}")
+
+
+def _check_time(where: str, value: Any, now: datetime) -> datetime:
+    if value is None:
+        return now
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise StoreInputError(f"{where}: time {value!r} is not ISO 8601") from None
+    if not isinstance(value, datetime):
+        raise StoreInputError(f"{where}: time must be a datetime or ISO 8601 string")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+_EXAM_FIELDS = {"event_id", "correct", "skills", "time"}
+
+
+@dataclass(frozen=True)
+class _Item:
+    event_id: str
+    skill: str
+    correct: bool
+    time: datetime
+
+
+@dataclass(frozen=True)
+class WriteRequest:
+    """One validated write (one batch): a user's responses, each on one skill."""
+
+    user: str
+    items: tuple[_Item, ...]
+    source: str
+
+
+_UPDATE_ROW = (
+    sa.update(mastery_table)
+    .where(
+        mastery_table.c.user_id == sa.bindparam("u"),
+        mastery_table.c.skill == sa.bindparam("s"),
+    )
+    .values(
+        p_mastery=sa.bindparam("p_mastery"),
+        attempts=sa.bindparam("attempts"),
+        correct_attempts=sa.bindparam("correct_attempts"),
+        status=sa.bindparam("status"),
+        param_version=sa.bindparam("param_version"),
+        updated_at=sa.bindparam("updated_at"),
+    )
+)
+
+
+class MasteryStore:
+    """Mastery rows and the event log on a relational database.
+
+    Parameters
+    ----------
+    url : str
+        SQLAlchemy URL: ``sqlite:///mastery.db`` (the embedded default) or
+        ``postgresql+psycopg://user@host/db``.
+    params : ParamTable, BKTParams, path or None
+        The parameters to serve (a :class:`ParamTable` or the path of its
+        JSON); None uses the seed card's defaults for every skill.
+    create : bool
+        Create the schema on first use (and check its version otherwise).
+    engine_options : mapping, optional
+        Extra keyword arguments for :func:`sqlalchemy.create_engine`.
+    """
+
+    def __init__(
+        self,
+        url: str = "sqlite:///mastery.db",
+        params: ParamTable | BKTParams | str | Path | None = None,
+        *,
+        create: bool = True,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = sa.engine.make_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise StoreInputError(
+                f"unsupported database {self.dialect!r}: use sqlite or postgresql"
+            )
+        self.engine = _make_engine(self.url, dict(engine_options or {}))
+        self._lock = threading.Lock()
+        self.set_params(params)
+        if create:
+            self.create_schema()
+        else:
+            self._check_schema()
+
+    # Parameters ---------------------------------------------------------
+    def set_params(self, params: ParamTable | BKTParams | str | Path | None) -> None:
+        """Serve ``params`` from now on (stored rows keep their old version
+        until :meth:`recalculate` rewrites them)."""
+        if params is None:
+            table = ParamTable.seed_defaults()
+        elif isinstance(params, ParamTable):
+            table = params
+        elif isinstance(params, BKTParams):
+            table = ParamTable(default=params, model="constant", created="2026-01-01T00:00:00+00:00")
+        elif isinstance(params, (str, Path)):
+            table = ParamTable.from_json(params)
+        else:
+            raise TypeError(f"params: expected ParamTable, BKTParams or a path, got {params!r}")
+        with self._lock:
+            self.params = table
+            self.param_version = table.version
+            # Tracers of the table being served; any other table builds its own.
+            self._tracers: tuple[ParamTable, dict[tuple[str, str | None], Any]] = (table, {})
+
+    def _tracer(
+        self, skill: str, user: str, params: ParamTable | None = None
+    ) -> BayesianKnowledgeTracer:
+        params = self.params if params is None else params
+        owner, cache = self._tracers
+        if owner is not params:
+            return BayesianKnowledgeTracer(params.params_for(skill, user))
+        key = (skill, user if params.students else None)
+        hit = cache.get(key)
+        if hit is None:
+            hit = BayesianKnowledgeTracer(params.params_for(skill, user))
+            if len(cache) > 100_000:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    # Schema -------------------------------------------------------------
+    def create_schema(self) -> None:
+        """Create the tables if missing and record the schema version."""
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
+            if row is None:
+                conn.execute(
+                    sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise StoreInputError(
+                    f"database schema version {row[0]}, this bktbayes uses {SCHEMA_VERSION}"
+                )
+
+    def _check_schema(self) -> None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+            ).first()
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            raise StoreInputError(
+                f"database at {self.url.render_as_string(hide_password=True)} has no bktbayes "
+                f"schema version {SCHEMA_VERSION} (found {row[0] if row else None})"
+            )
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self.engine.dispose()
+
+    def __enter__(self) -> MasteryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Writes ---------------------------------------------------------------
+    def record_responses(
+        self,
+        user: str,
+        skill: str,
+        responses: Sequence[bool | int],
+        event_ids: Sequence[str] | None = None,
+        source: str = "flashcard",
+        times: Sequence[datetime | str | None] | None = None,
+    ) -> RecordResult:
+        """Log a sequence of responses of one user on one skill (one batch) and
+        update the mastery row, in one transaction.
+
+        Parameters
+        ----------
+        user, skill : str
+        responses : sequence of bool or 0/1, length n (1 <= n <= 10,000)
+            In the order they were answered.
+        event_ids : sequence of str, length n, optional
+            Unique ids; an id already in the log with the same content is
+            ignored and reported in ``duplicates`` (retries do not count
+            twice), with different content it raises :class:`EventConflictError`.
+            Without ids every response is new.
+        source : str
+            ``"flashcard"``, ``"exam"`` or ``"import"``.
+        times : sequence, optional
+            Each response's own time (recorded; history is ordered by arrival).
+
+        Returns
+        -------
+        RecordResult
+        """
+        req = self.flashcard_request(user, skill, responses, event_ids, source, times)
+        return self._write(req)
+
+    @staticmethod
+    def flashcard_request(
+        user: str,
+        skill: str,
+        responses: Sequence[bool | int],
+        event_ids: Sequence[str] | None = None,
+        source: str = "flashcard",
+        times: Sequence[datetime | str | None] | None = None,
+    ) -> WriteRequest:
+        """Validate the arguments of :meth:`record_responses` into a request
+        for :meth:`write_group` (raises :class:`StoreInputError`)."""
+        user = _check_id("user_id", user)
+        skill = _check_id("skill", skill)
+        if isinstance(responses, (str, bytes)) or not isinstance(responses, Iterable):
+            raise StoreInputError("responses must be a list of true/false or 0/1")
+        responses = list(responses)
+        n = len(responses)
+        if not 1 <= n <= MAX_BATCH:
+            raise StoreInputError(f"responses must hold 1 to {MAX_BATCH} items, got {n}")
+        if event_ids is None:
+            event_ids = [_new_id() for _ in range(n)]
+        else:
+            event_ids = list(event_ids)
+            if len(event_ids) != n:
+                raise StoreInputError(
+                    f"event_ids has {len(event_ids)} items, responses has {n}"
+                )
+        if times is not None and len(times) != n:
+            raise StoreInputError(f"times has {len(times)} items, responses has {n}")
+        now = datetime.now(UTC)
+        items = []
+        for i in range(n):
+            eid = _check_id(f"event_ids[{i}]", event_ids[i])
+            c = _check_correct(f"responses[{i}]", responses[i])
+            t = _check_time(f"times[{i}]", times[i] if times is not None else None, now)
+            items.append(_Item(eid, skill, c, t))
+        if len({it.event_id for it in items}) != n:
+            raise StoreInputError("event_ids: the same id appears twice in one call")
+        return WriteRequest(user, tuple(items), _check_source(source))
+
+    def record_exam_answers(
+        self, user: str, answers: Sequence[Mapping[str, Any]], source: str = "exam"
+    ) -> RecordResult:
+        """Log exam answers tagged with skills and update every tagged skill's
+        row, all in one transaction (one batch).
+
+        Parameters
+        ----------
+        user : str
+        answers : sequence of mappings
+            Each ``{"event_id": str, "correct": bool | 0/1, "skills": [str, ...]}``
+            and optionally ``"time"``. An answer tagged with k skills is k log
+            rows sharing its event id (one per skill).
+        """
+        return self._write(self.exam_request(user, answers, source))
+
+    @staticmethod
+    def exam_request(
+        user: str, answers: Sequence[Mapping[str, Any]], source: str = "exam"
+    ) -> WriteRequest:
+        """Validate the arguments of :meth:`record_exam_answers` into a request
+        for :meth:`write_group` (raises :class:`StoreInputError`)."""
+        user = _check_id("user_id", user)
+        if isinstance(answers, (str, bytes, Mapping)) or not isinstance(answers, Iterable):
+            raise StoreInputError("answers must be a list of objects")
+        answers = list(answers)
+        if not 1 <= len(answers) <= MAX_BATCH:
+            raise StoreInputError(f"answers must hold 1 to {MAX_BATCH} items, got {len(answers)}")
+        now = datetime.now(UTC)
+        items: list[_Item] = []
+        seen: set[str] = set()
+        for i, a in enumerate(answers):
+            where = f"answers[{i}]"
+            if not isinstance(a, Mapping):
+                raise StoreInputError(f"{where} must be an object")
+            extra = set(a) - _EXAM_FIELDS
+            if extra:
+                raise StoreInputError(f"{where}: unknown field(s) {sorted(map(str, extra))}")
+            for name in ("event_id", "correct", "skills"):
+                if name not in a:
+                    raise StoreInputError(f"{where}: missing field {name!r}")
+            eid = _check_id(f"{where}.event_id", a["event_id"])
+            if eid in seen:
+                raise StoreInputError(f"{where}.event_id {eid!r} appears twice in one call")
+            seen.add(eid)
+            c = _check_correct(where, a["correct"])
+            skills = a["skills"]
+            if isinstance(skills, (str, bytes)) or not isinstance(skills, Iterable):
+                raise StoreInputError(f"{where}.skills must be a list of skill codes")
+            skills = [_check_id(f"{where}.skills[{j}]", s) for j, s in enumerate(skills)]
+            if not skills:
+                raise StoreInputError(f"{where}.skills is empty: tag at least one skill")
+            if len(set(skills)) != len(skills):
+                raise StoreInputError(f"{where}.skills lists a skill twice")
+            t = _check_time(f"{where}.time", a.get("time"), now)
+            items.extend(_Item(eid, s, c, t) for s in skills)
+        return WriteRequest(user, tuple(items), _check_source(source))
+
+    def _write(self, request: WriteRequest) -> RecordResult:
+        res = self.write_group([request])[0]
+        if isinstance(res, Exception):
+            raise res
+        return res
+
+    def write_group(
+        self, requests: Sequence[WriteRequest]
+    ) -> list[RecordResult | StoreInputError]:
+        """Apply several validated write requests in one transaction.
+
+        Each request is its own batch, applied in list order (so two requests
+        on the same (user, skill) chain, with the clamp between them). A
+        request that reuses an event id for different content gets its
+        :class:`EventConflictError` in the result list and writes nothing;
+        the others are committed together. Everything returned is committed:
+        the HTTP service uses this to group concurrent requests into one
+        transaction (one commit, a handful of round trips) without weakening
+        what a success means.
+
+        Parameters
+        ----------
+        requests : sequence of WriteRequest
+            Built by :meth:`flashcard_request` / :meth:`exam_request` (which
+            validate the input).
+
+        Returns
+        -------
+        list of RecordResult or StoreInputError, one per request
+        """
+        if not requests:
+            return []
+        with self._lock:
+            params, version = self.params, self.param_version
+        now = datetime.now(UTC)
+        results: list[RecordResult | StoreInputError | None] = [None] * len(requests)
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    self._apply(conn, requests, params, version, now, results)
+                break
+            except sa.exc.IntegrityError:
+                # Another process logged one of these event ids between our
+                # check and our insert: retry once, the check now sees it.
+                if attempt == 1:
+                    raise
+        return results  # type: ignore[return-value]
+
+    def _apply(
+        self,
+        conn: sa.Connection,
+        requests: Sequence[WriteRequest],
+        params: ParamTable,
+        version: str,
+        now: datetime,
+        results: list[Any],
+    ) -> None:
+        pairs = sorted({(r.user, it.skill) for r in requests for it in r.items})
+        state = self._lock_rows(conn, pairs, params, now)
+        ids = sorted({it.event_id for r in requests for it in r.items})
+        have: dict[str, set[tuple[str, str, bool]]] = {}
+        for lo in range(0, len(ids), 5000):
+            for row in conn.execute(
+                sa.select(events.c.event_id, events.c.user_id, events.c.skill, events.c.correct)
+                .where(events.c.event_id.in_(ids[lo : lo + 5000]))
+            ):
+                have.setdefault(row.event_id, set()).add(
+                    (row.user_id, row.skill, bool(row.correct))
+                )
+        accepted: list[tuple[int, WriteRequest, list[_Item]]] = []
+        touched: dict[tuple[str, str], MasteryRow] = {}
+        for i, r in enumerate(requests):
+            try:
+                dups = _duplicates(r.user, r.items, have)
+            except EventConflictError as e:
+                results[i] = e
+                continue
+            new = [it for it in r.items if it.event_id not in dups]
+            for it in new:
+                have.setdefault(it.event_id, set()).add((r.user, it.skill, it.correct))
+            rows: dict[str, MasteryRow] = {}
+            for s in sorted({it.skill for it in r.items}):
+                mine = [it.correct for it in new if it.skill == s]
+                p, att, cor = state[(r.user, s)]
+                known = params.lookup(s)[1]
+                if mine:
+                    tracer = self._tracer(s, r.user, params)
+                    for c in mine:
+                        p = tracer.update(p, c)
+                    p = clamp(p)
+                    att += len(mine)
+                    cor += sum(mine)
+                    state[(r.user, s)] = (p, att, cor)
+                    row = MasteryRow(r.user, s, p, att, cor, mastery_status(p), version, now, known)
+                    touched[(r.user, s)] = row
+                elif att == 0:
+                    p = clamp(p)
+                    row = MasteryRow(r.user, s, p, 0, 0, mastery_status(p), version, None, known,
+                                     False)
+                else:
+                    row = touched.get((r.user, s)) or self._stored_row(conn, r.user, s, known)
+                rows[s] = row
+            results[i] = RecordResult(r.user, rows, len(new), sorted(dups), None)
+            if new:
+                accepted.append((i, r, new))
+        if not accepted:
+            conn.rollback()  # only the placeholder rows were written
+            return
+        batch_ids = [
+            row[0]
+            for row in conn.execute(
+                sa.insert(batches).returning(batches.c.batch_id, sort_by_parameter_order=True),
+                [
+                    {"user_id": r.user, "source": r.source, "received_at": now, "n_events": len(n)}
+                    for _, r, n in accepted
+                ],
+            )
+        ]
+        conn.execute(
+            sa.insert(events),
+            [
+                {
+                    "event_id": it.event_id,
+                    "user_id": r.user,
+                    "skill": it.skill,
+                    "correct": it.correct,
+                    "event_time": it.time,
+                    "source": r.source,
+                    "batch_id": b,
+                }
+                for (_, r, new), b in zip(accepted, batch_ids, strict=True)
+                for it in new
+            ],
+        )
+        conn.execute(
+            _UPDATE_ROW,
+            [
+                {
+                    "u": row.user_id,
+                    "s": row.skill,
+                    "p_mastery": row.p_mastery,
+                    "attempts": row.attempts,
+                    "correct_attempts": row.correct_attempts,
+                    "status": row.status,
+                    "param_version": version,
+                    "updated_at": now,
+                }
+                for row in touched.values()
+            ],
+        )
+        for (i, _, _), b in zip(accepted, batch_ids, strict=True):
+            res = results[i]
+            results[i] = RecordResult(res.user_id, res.mastery, res.recorded, res.duplicates,
+                                      int(b))
+
+    def _lock_rows(
+        self,
+        conn: sa.Connection,
+        pairs: list[tuple[str, str]],
+        params: ParamTable,
+        now: datetime,
+    ) -> dict[tuple[str, str], tuple[float, int, int]]:
+        """Create missing rows and lock all of ``pairs`` (sorted, so that
+        concurrent groups lock in the same order); return (p, attempts,
+        correct) per pair. A row without attempts starts from the current
+        parameters' ``p_init``, unclamped, as replay does."""
+        out: dict[tuple[str, str], tuple[float, int, int]] = {}
+        insert = _dialect_insert(self.dialect)
+        for lo in range(0, len(pairs), 1000):
+            chunk = pairs[lo : lo + 1000]
+            ins = insert(mastery_table).values(
+                [
+                    {
+                        "user_id": u,
+                        "skill": s,
+                        "p_mastery": 0.5,
+                        "attempts": 0,
+                        "correct_attempts": 0,
+                        "status": "in_progress",
+                        "param_version": "",
+                        "updated_at": now,
+                    }
+                    for u, s in chunk
+                ]
+            )
+            # A no-op update of a conflicting row takes its row lock
+            # (PostgreSQL) and returns it: create-or-lock in one round trip.
+            stmt = ins.on_conflict_do_update(
+                index_elements=[mastery_table.c.user_id, mastery_table.c.skill],
+                set_={"attempts": ins.excluded.attempts + mastery_table.c.attempts},
+            ).returning(
+                mastery_table.c.user_id,
+                mastery_table.c.skill,
+                mastery_table.c.p_mastery,
+                mastery_table.c.attempts,
+                mastery_table.c.correct_attempts,
+            )
+            for u, s, p, att, cor in conn.execute(stmt):
+                if att == 0:
+                    p = params.params_for(s, u).p_init
+                out[(u, s)] = (float(p), int(att), int(cor))
+        return out
+
+    def _stored_row(self, conn: sa.Connection, user: str, skill: str, known: bool) -> MasteryRow:
+        r = conn.execute(
+            sa.select(mastery_table).where(
+                mastery_table.c.user_id == user, mastery_table.c.skill == skill
+            )
+        ).one()
+        return self._row(r)
+
+    def delete_user(self, user: str) -> dict[str, int]:
+        """Remove a user's events, batches and mastery rows in one transaction
+        (a privacy request). Returns the number of rows deleted per table."""
+        user = _check_id("user_id", user)
+        with self.engine.begin() as conn:
+            counts = {}
+            for name, table in (
+                ("mastery", mastery_table),
+                ("events", events),
+                ("batches", batches),
+            ):
+                counts[name] = conn.execute(
+                    sa.delete(table).where(table.c.user_id == user)
+                ).rowcount
+        return counts
+
+    # Reads ----------------------------------------------------------------
+    def mastery(self, user: str, skill: str | None = None) -> MasteryRow | dict[str, MasteryRow]:
+        """The stored row of (user, skill), or all of a user's rows by skill.
+
+        For a (user, skill) with no events yet, the row is the prior
+        (``stored=False``): the skill's ``p_init`` clamped, attempts 0.
+        """
+        user = _check_id("user_id", user)
+        if skill is None:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(mastery_table)
+                    .where(mastery_table.c.user_id == user, mastery_table.c.attempts > 0)
+                    .order_by(mastery_table.c.skill)
+                ).all()
+            return {r.skill: self._row(r) for r in rows}
+        skill = _check_id("skill", skill)
+        return self._rows(user, [skill])[skill]
+
+    def _rows(self, user: str, skills: list[str]) -> dict[str, MasteryRow]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(mastery_table).where(
+                    mastery_table.c.user_id == user,
+                    mastery_table.c.skill.in_(skills),
+                    mastery_table.c.attempts > 0,
+                )
+            ).all()
+        out = {r.skill: self._row(r) for r in rows}
+        for s in skills:
+            if s not in out:
+                known = self.params.lookup(s)[1]
+                p = clamp(self.params.params_for(s, user).p_init)
+                out[s] = MasteryRow(
+                    user, s, p, 0, 0, mastery_status(p), self.param_version, None, known, False
+                )
+        return out
+
+    def _row(self, r: Any) -> MasteryRow:
+        updated = r.updated_at
+        if updated is not None and updated.tzinfo is None:  # SQLite drops the zone
+            updated = updated.replace(tzinfo=UTC)
+        return MasteryRow(
+            r.user_id,
+            r.skill,
+            float(r.p_mastery),
+            int(r.attempts),
+            int(r.correct_attempts),
+            r.status,
+            r.param_version,
+            updated,
+            r.skill in self.params,
+        )
+
+    def predict_next(self, user: str, skill: str) -> float:
+        """P(correct) on the user's next response on ``skill``, from the stored
+        (clamped) P(mastery), or the prior for a new (user, skill)."""
+        row = self.mastery(user, skill)
+        return self._tracer(row.skill, row.user_id).predict_next(row.p_mastery)
+
+    def events(self, user: str | None = None) -> dict[str, np.ndarray]:
+        """The event log in arrival order, as columns (optionally one user's)."""
+        q = sa.select(events).order_by(events.c.seq)
+        if user is not None:
+            q = q.where(events.c.user_id == _check_id("user_id", user))
+        with self.engine.connect() as conn:
+            res = conn.execute(q)
+            keys = list(res.keys())
+            rows = res.all()
+        cols = list(zip(*rows, strict=True)) if rows else [[] for _ in keys]
+        return {k: np.array(c, dtype=object if k not in ("seq", "batch_id") else np.int64)
+                for k, c in zip(keys, cols, strict=True)}
+
+    # Recalculation ---------------------------------------------------------
+    def recalculate(
+        self,
+        users: Sequence[str] | None = None,
+        params: ParamTable | BKTParams | str | Path | None = None,
+        *,
+        bulk: str = "auto",
+        threads: int | None = None,
+    ) -> RecalcResult:
+        """Rebuild mastery rows from the event log (the background job).
+
+        Replays the log in arrival order with :func:`bktbayes.tracing.replay`
+        (batch id as the batch key, so the clamp applies where the
+        incremental updates applied it) and rewrites the rows, in one
+        transaction that holds writers off (PostgreSQL: an EXCLUSIVE lock on the
+        mastery table, readers go on; SQLite: ``BEGIN IMMEDIATE``).
+
+        Parameters
+        ----------
+        users : sequence of str, optional
+            Only these users (default: everyone).
+        params : optional
+            New parameters: the rows are rebuilt with them, and the store
+            serves them from then on.
+        bulk : {"auto", "adbc", "sqlalchemy"}
+            How to read the log: ``"adbc"`` (PostgreSQL only: the ADBC driver's
+            binary COPY straight into Arrow), ``"sqlalchemy"`` (portable,
+            row by row through the DBAPI); ``"auto"`` picks ADBC on PostgreSQL
+            when it is installed.
+        """
+        from . import recalc
+
+        if params is not None:
+            new = MasteryStore.__new__(MasteryStore)
+            new._lock = threading.Lock()
+            new.set_params(params)
+            table, version = new.params, new.param_version
+        else:
+            with self._lock:
+                table, version = self.params, self.param_version
+        if users is not None:
+            users = sorted({_check_id(f"users[{i}]", u) for i, u in enumerate(users)})
+        result = recalc.recalculate_store(self, table, version, users, bulk, threads)
+        if params is not None:
+            self.set_params(table)
+        return result
+
+
+def _check_source(source: Any) -> str:
+    if source not in SOURCES:
+        raise StoreInputError(f"source must be one of {list(SOURCES)}, got {source!r}")
+    return source
+
+
+def _duplicates(
+    user: str, items: Sequence[_Item], have: Mapping[str, set[tuple[str, str, bool]]]
+) -> set[str]:
+    """Ids of ``items`` already logged with the same content; raise on reuse
+    of an id for different content (another user, skill set or answer)."""
+    want: dict[str, set[tuple[str, str, bool]]] = {}
+    for it in items:
+        if it.event_id in have:
+            want.setdefault(it.event_id, set()).add((user, it.skill, it.correct))
+    for eid, rows in want.items():
+        if rows != have[eid]:
+            raise EventConflictError(
+                f"event_id {eid!r} is already logged with different content "
+                f"(logged {sorted(have[eid])}, sent {sorted(rows)}); nothing was written"
+            )
+    return set(want)
+
+
+def _dialect_insert(dialect: str):
+    return pg_dialect.insert if dialect == "postgresql" else sqlite_dialect.insert
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _make_engine(url: sa.URL, options: dict[str, Any]) -> sa.Engine:
+    if url.get_backend_name() == "sqlite":
+        db = url.database
+        if db and db != ":memory:":
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        options.setdefault("connect_args", {}).setdefault("timeout", 60.0)
+        engine = sa.create_engine(url, **options)
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own
+            # transaction handling would defer it to the first write).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # a commit is durable
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            # One writer at a time from the first statement on: no lost updates
+            # and no upgrade deadlocks between readers turning writers.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    options.setdefault("pool_size", 10)
+    options.setdefault("max_overflow", 20)
+    options.setdefault("pool_pre_ping", False)
+    return sa.create_engine(url, **options)
+
+
+def update_mastery_bkt(
+    store: MasteryStore, user: str, skill_code: str, responses: Sequence[bool]
+) -> MasteryRow:
+    """The seed card's entry point: update (user, skill_code) with a sequence
+    of responses and return the stored row (a thin wrapper over
+    :meth:`MasteryStore.record_responses`)."""
+    return store.record_responses(user, skill_code, responses).mastery[skill_code]
