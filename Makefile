@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench venv clean
+.PHONY: demo test test-fast lint format bench bench-serving serve venv clean
 
 $(STAMP): pyproject.toml
 	@set -e; \
@@ -25,12 +25,26 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bktbayes demo --out demo_out
 
+# Runs CMD with BKTBAYES_TEST_PG_URL set: a throwaway PostgreSQL server on a free
+# loopback port and a temporary data directory (.ci/pg), stopped and removed afterwards.
+# An already exported BKTBAYES_TEST_PG_URL is used as it is.
+define with_pg
+	@set -e; \
+	if [ -n "$$BKTBAYES_TEST_PG_URL" ]; then $(1); exit; fi; \
+	dir=$$(mktemp -d /tmp/bktbayes-pg.XXXXXX); \
+	port=$$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	trap '.ci/pg stop '"$$dir"' || true; rm -rf '"$$dir" EXIT; \
+	url=$$(.ci/pg start $$dir $$port); echo "PostgreSQL for the tests: $$url"; \
+	export BKTBAYES_TEST_PG_URL=$$url BKTBAYES_REQUIRE_PG=1; \
+	$(1)
+endef
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check bktbayes tests benchmarks
-	$(PY) -m pytest -q
+	$(call with_pg,$(PY) -m pytest -q)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(call with_pg,$(PY) -m pytest -q -m "not slow")
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bktbayes tests benchmarks
@@ -42,6 +56,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_replay.py
+
+# Serving figures: store latency, HTTP load and recalculation on PostgreSQL.
+bench-serving: $(STAMP)
+	$(call with_pg,$(PY) benchmarks/bench_serving.py)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache

@@ -303,7 +303,9 @@ class MasteryStore:
         elif isinstance(params, ParamTable):
             table = params
         elif isinstance(params, BKTParams):
-            table = ParamTable(default=params, model="constant", created="2026-01-01T00:00:00+00:00")
+            table = ParamTable(
+                default=params, model="constant", created="2026-01-01T00:00:00+00:00"
+            )
         elif isinstance(params, (str, Path)):
             table = ParamTable.from_json(params)
         else:
@@ -348,10 +350,12 @@ class MasteryStore:
                 )
 
     def _check_schema(self) -> None:
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-            ).first()
+        row = None
+        if sa.inspect(self.engine).has_table(meta_table.name):
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")
+                ).first()
         if row is None or int(row[0]) != SCHEMA_VERSION:
             raise StoreInputError(
                 f"database at {self.url.render_as_string(hide_password=True)} has no bktbayes "
@@ -427,9 +431,7 @@ class MasteryStore:
         else:
             event_ids = list(event_ids)
             if len(event_ids) != n:
-                raise StoreInputError(
-                    f"event_ids has {len(event_ids)} items, responses has {n}"
-                )
+                raise StoreInputError(f"event_ids has {len(event_ids)} items, responses has {n}")
         if times is not None and len(times) != n:
             raise StoreInputError(f"times has {len(times)} items, responses has {n}")
         now = datetime.now(UTC)
@@ -507,9 +509,7 @@ class MasteryStore:
             raise res
         return res
 
-    def write_group(
-        self, requests: Sequence[WriteRequest]
-    ) -> list[RecordResult | StoreInputError]:
+    def write_group(self, requests: Sequence[WriteRequest]) -> list[RecordResult | StoreInputError]:
         """Apply several validated write requests in one transaction.
 
         Each request is its own batch, applied in list order (so two requests
@@ -564,8 +564,9 @@ class MasteryStore:
         have: dict[str, set[tuple[str, str, bool]]] = {}
         for lo in range(0, len(ids), 5000):
             for row in conn.execute(
-                sa.select(events.c.event_id, events.c.user_id, events.c.skill, events.c.correct)
-                .where(events.c.event_id.in_(ids[lo : lo + 5000]))
+                sa.select(
+                    events.c.event_id, events.c.user_id, events.c.skill, events.c.correct
+                ).where(events.c.event_id.in_(ids[lo : lo + 5000]))
             ):
                 have.setdefault(row.event_id, set()).add(
                     (row.user_id, row.skill, bool(row.correct))
@@ -598,8 +599,9 @@ class MasteryStore:
                     touched[(r.user, s)] = row
                 elif att == 0:
                     p = clamp(p)
-                    row = MasteryRow(r.user, s, p, 0, 0, mastery_status(p), version, None, known,
-                                     False)
+                    row = MasteryRow(
+                        r.user, s, p, 0, 0, mastery_status(p), version, None, known, False
+                    )
                 else:
                     row = touched.get((r.user, s)) or self._stored_row(conn, r.user, s, known)
                 rows[s] = row
@@ -653,8 +655,9 @@ class MasteryStore:
         )
         for (i, _, _), b in zip(accepted, batch_ids, strict=True):
             res = results[i]
-            results[i] = RecordResult(res.user_id, res.mastery, res.recorded, res.duplicates,
-                                      int(b))
+            results[i] = RecordResult(
+                res.user_id, res.mastery, res.recorded, res.duplicates, int(b)
+            )
 
     def _lock_rows(
         self,
@@ -798,8 +801,10 @@ class MasteryStore:
             keys = list(res.keys())
             rows = res.all()
         cols = list(zip(*rows, strict=True)) if rows else [[] for _ in keys]
-        return {k: np.array(c, dtype=object if k not in ("seq", "batch_id") else np.int64)
-                for k, c in zip(keys, cols, strict=True)}
+        return {
+            k: np.array(c, dtype=object if k not in ("seq", "batch_id") else np.int64)
+            for k, c in zip(keys, cols, strict=True)
+        }
 
     # Recalculation ---------------------------------------------------------
     def recalculate(

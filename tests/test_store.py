@@ -1,0 +1,424 @@
+"""The mastery store on real databases (SQLite file and PostgreSQL server)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from bktbayes.params import BKTParams, ParamTable
+from bktbayes.store import (
+    EventConflictError,
+    MasteryStore,
+    StoreInputError,
+    events,
+    mastery_table,
+    update_mastery_bkt,
+)
+from bktbayes.tracing import BayesianKnowledgeTracer, replay
+
+import seed_reference as seed
+
+
+def _count(store: MasteryStore, table: sa.Table) -> int:
+    with store.engine.connect() as c:
+        return c.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()
+
+
+def _table(seed_val: int = 3) -> ParamTable:
+    rng = np.random.default_rng(seed_val)
+    skills = {
+        f"s{i}": BKTParams(
+            p_init=float(rng.uniform(0.05, 0.6)),
+            p_transit=float(rng.uniform(0.02, 0.3)),
+            p_guess=float(rng.uniform(0.05, 0.3)),
+            p_slip=float(rng.uniform(0.02, 0.2)),
+        )
+        for i in range(4)
+    }
+    return ParamTable(skills, BKTParams(0.25, 0.1, 0.2, 0.1), model="test")
+
+
+def _reference_rows(store: MasteryStore, params: ParamTable) -> dict[tuple[str, str], float]:
+    """The tracer's maths over each (user, skill)'s log in arrival order,
+    clamped at the end of every batch (where the seed clamps: on storing)."""
+    log = store.events()
+    out: dict[tuple[str, str], float] = {}
+    last_batch: dict[tuple[str, str], int] = {}
+    for u, s, c, b in zip(
+        log["user_id"], log["skill"], log["correct"], log["batch_id"], strict=True
+    ):
+        key = (u, s)
+        tracer = BayesianKnowledgeTracer(params.params_for(s, u))
+        if key not in out:
+            p = params.params_for(s, u).p_init
+        else:
+            p = out[key]
+            if last_batch[key] != b:
+                p = min(0.99, max(0.01, p))
+        out[key] = tracer.update(p, bool(c))
+        last_batch[key] = b
+    return {k: min(0.99, max(0.01, v)) for k, v in out.items()}
+
+
+def _random_traffic(store: MasteryStore, rng: np.random.Generator, n_calls: int) -> None:
+    for i in range(n_calls):
+        user = f"u{rng.integers(5)}"
+        if rng.random() < 0.3:
+            answers = [
+                {
+                    "event_id": f"x{i}-{j}",
+                    "correct": bool(rng.random() < 0.6),
+                    "skills": sorted(
+                        {f"s{k}" for k in rng.integers(0, 6, size=rng.integers(1, 3))}
+                    ),
+                }
+                for j in range(rng.integers(1, 4))
+            ]
+            store.record_exam_answers(user, answers)
+        else:
+            n = int(rng.integers(1, 8))
+            store.record_responses(
+                user,
+                f"s{rng.integers(6)}",  # s4, s5 are unseen: population default
+                (rng.random(n) < 0.65).tolist(),
+                event_ids=[f"f{i}-{j}" for j in range(n)],
+            )
+
+
+def test_seed_parity_defaults(db_url):
+    """With the seed defaults, a row is the seed's update_mastery_bkt arithmetic
+    batch after batch (the seed's code, verbatim)."""
+    store = MasteryStore(db_url)
+    rng = np.random.default_rng(1)
+    p = 0.3  # the seed's new row starts at p_init
+    for _ in range(6):
+        responses = (rng.random(int(rng.integers(1, 10))) < 0.7).tolist()
+        row = update_mastery_bkt(store, "ann", "fractions", responses)
+        p = seed.update_mastery_bkt_values(p, responses)
+        assert row.p_mastery == pytest.approx(p, abs=1e-15)
+    stored = store.mastery("ann", "fractions")
+    assert stored.p_mastery == pytest.approx(p, abs=1e-15)
+    assert stored.attempts == _count(store, events)
+    want = seed.BayesianKnowledgeTracer().predict_next(p)
+    assert store.predict_next("ann", "fractions") == pytest.approx(want, abs=1e-15)
+
+
+def test_rows_equal_replay_and_recalculate(db_url):
+    params = _table()
+    store = MasteryStore(db_url, params)
+    _random_traffic(store, np.random.default_rng(7), 60)
+    ref = _reference_rows(store, params)
+    rows = {(u, s): r for u in {k[0] for k in ref} for s, r in store.mastery(u).items()}
+    assert set(rows) == set(ref)
+    for key, p in ref.items():
+        assert rows[key].p_mastery == pytest.approx(p, abs=1e-12)
+        assert rows[key].param_version == params.version
+    # Unseen skills are flagged, not silently served.
+    assert {k[1] for k, r in rows.items() if not r.known_skill} <= {"s4", "s5"}
+    assert any(not r.known_skill for r in rows.values())
+
+    methods = ["sqlalchemy"] + (["adbc"] if store.dialect == "postgresql" else [])
+    for method in methods:
+        res = store.recalculate(bulk=method)
+        assert res.bulk_read == method
+        assert res.n_events == _count(store, events)
+        assert res.n_rows == len(ref)
+        again = {(u, s): r for u in {k[0] for k in ref} for s, r in store.mastery(u).items()}
+        for key, r in rows.items():
+            assert again[key].p_mastery == pytest.approx(r.p_mastery, abs=1e-12)
+            assert again[key].attempts == r.attempts
+            assert again[key].correct_attempts == r.correct_attempts
+            assert again[key].status == r.status
+
+
+def test_recalculate_with_new_params_matches_incremental(db_url, tmp_path):
+    old, new = _table(3), _table(11)
+    store = MasteryStore(db_url, old)
+    _random_traffic(store, np.random.default_rng(5), 40)
+    # The same traffic recorded incrementally under the new parameters.
+    other = MasteryStore(f"sqlite:///{tmp_path / 'other.db'}", new)
+    _random_traffic(other, np.random.default_rng(5), 40)
+    res = store.recalculate(params=new)
+    assert res.param_version == new.version
+    assert store.param_version == new.version
+    for u in (f"u{i}" for i in range(5)):
+        got, want = store.mastery(u), other.mastery(u)
+        assert set(got) == set(want)
+        for s in want:
+            assert got[s].p_mastery == pytest.approx(want[s].p_mastery, abs=1e-12)
+            assert got[s].param_version == new.version
+
+
+def test_recalculate_some_users_only(db_url):
+    store = MasteryStore(db_url, _table())
+    _random_traffic(store, np.random.default_rng(2), 30)
+    before = {u: store.mastery(u) for u in ("u0", "u1")}
+    res = store.recalculate(users=["u0"], params=_table(99))
+    assert res.n_rows == len(before["u0"])
+    assert all(r.param_version == _table(99).version for r in store.mastery("u0").values())
+    assert store.mastery("u1") == before["u1"]  # untouched, old version
+
+
+def test_idempotent_event_ids(db_url):
+    store = MasteryStore(db_url)
+    first = store.record_responses("ann", "s0", [1, 0, 1], event_ids=["a", "b", "c"])
+    assert first.recorded == 3 and first.duplicates == []
+    n_events = _count(store, events)
+    retry = store.record_responses("ann", "s0", [1, 0, 1], event_ids=["a", "b", "c"])
+    assert retry.recorded == 0
+    assert retry.duplicates == ["a", "b", "c"]
+    assert retry.batch_id is None
+    assert retry.mastery["s0"] == first.mastery["s0"]
+    assert _count(store, events) == n_events
+    # A partly retried call records only the new response.
+    part = store.record_responses("ann", "s0", [1, 0], event_ids=["c", "d"])
+    assert part.recorded == 1 and part.duplicates == ["c"]
+    assert part.mastery["s0"].attempts == 4
+    # Exam answers: a retry of a multi-skill answer is one duplicate id.
+    ans = [{"event_id": "q1", "correct": True, "skills": ["s1", "s2"]}]
+    store.record_exam_answers("ann", ans)
+    again = store.record_exam_answers("ann", ans)
+    assert again.recorded == 0 and again.duplicates == ["q1"]
+    assert store.mastery("ann", "s1").attempts == 1
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        ("ann", "s0", [0]),  # same id, other answer
+        ("bob", "s0", [1]),  # same id, other user
+        ("ann", "s9", [1]),  # same id, other skill
+    ],
+)
+def test_reused_event_id_with_other_content_is_rejected(db_url, second):
+    store = MasteryStore(db_url)
+    store.record_responses("ann", "s0", [1], event_ids=["e1"])
+    rows = store.mastery("ann")
+    n = _count(store, events)
+    with pytest.raises(EventConflictError, match="e1"):
+        store.record_responses(second[0], second[1], second[2], event_ids=["e1"])
+    assert _count(store, events) == n
+    assert store.mastery("ann") == rows
+    assert store.mastery("bob") == {}
+
+
+@pytest.mark.parametrize(
+    ("answers", "match"),
+    [
+        ([{"event_id": "a", "correct": 2, "skills": ["s0"]}], r"answers\[0\].*correct"),
+        ([{"event_id": "a", "correct": "yes", "skills": ["s0"]}], r"answers\[0\].*correct"),
+        ([{"event_id": "a", "correct": True, "skills": []}], r"answers\[0\]\.skills is empty"),
+        ([{"event_id": "a", "correct": True, "skills": "s0"}], r"answers\[0\]\.skills"),
+        ([{"event_id": "a", "correct": True, "skills": ["s0"], "x": 1}], r"unknown field.*'x'"),
+        ([{"event_id": "a", "skills": ["s0"]}], r"missing field 'correct'"),
+        (
+            [
+                {"event_id": "a", "correct": True, "skills": ["s0"]},
+                {"event_id": "b", "correct": 1, "skills": ["s1", "s1"]},
+            ],
+            r"answers\[1\]\.skills lists a skill twice",
+        ),
+        ([], "1 to"),
+    ],
+)
+def test_exam_bad_input_writes_nothing(db_url, answers, match):
+    store = MasteryStore(db_url)
+    with pytest.raises(StoreInputError, match=match):
+        store.record_exam_answers("ann", answers)
+    assert _count(store, events) == 0
+    assert _count(store, mastery_table) == 0
+
+
+def test_exam_answer_is_atomic_across_skills(db_url):
+    store = MasteryStore(db_url)
+    store.record_responses("ann", "s2", [1], event_ids=["taken"])
+    answers = [
+        {"event_id": "q1", "correct": True, "skills": ["s0", "s1"]},
+        {"event_id": "taken", "correct": False, "skills": ["s2", "s3"]},  # conflict
+    ]
+    with pytest.raises(EventConflictError):
+        store.record_exam_answers("ann", answers)
+    assert set(store.mastery("ann")) == {"s2"}
+    assert _count(store, events) == 1
+    ok = store.record_exam_answers("ann", answers[:1])
+    assert set(ok.mastery) == {"s0", "s1"}
+    assert all(r.attempts == 1 for r in ok.mastery.values())
+    assert len({r.batch_id for r in [ok]}) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"responses": [1, 2]}, r"responses\[1\]"),
+        ({"responses": [True, None]}, r"responses\[1\]"),
+        ({"responses": []}, "1 to"),
+        ({"responses": "101"}, "list"),
+        ({"responses": [1], "event_ids": ["a", "b"]}, "event_ids has 2"),
+        ({"responses": [1, 1], "event_ids": ["a", "a"]}, "twice"),
+        ({"responses": [1], "user": ""}, "user_id"),
+        ({"responses": [1], "user": "a\x00b"}, "control"),
+        ({"responses": [1], "skill": 7}, "skill must be a string"),
+        ({"responses": [1], "source": "sms"}, "source"),
+        ({"responses": [1], "times": ["yesterday"]}, r"times\[0\].*ISO"),
+    ],
+)
+def test_flashcard_bad_input(db_url, kwargs, match):
+    store = MasteryStore(db_url)
+    args = {"user": "ann", "skill": "s0", **kwargs}
+    with pytest.raises(StoreInputError, match=match):
+        store.record_responses(**args)
+    assert _count(store, events) == 0
+
+
+def test_group_write_isolates_a_conflicting_request(db_url):
+    store = MasteryStore(db_url)
+    store.record_responses("ann", "s0", [1], event_ids=["e1"])
+    reqs = [
+        store.flashcard_request("bob", "s0", [1, 1], event_ids=["b1", "b2"]),
+        store.flashcard_request("cat", "s0", [0], event_ids=["e1"]),  # conflict
+        store.flashcard_request("bob", "s0", [0], event_ids=["b3"]),  # chains after the first
+        store.flashcard_request("bob", "s0", [1], event_ids=["b1"]),  # duplicate of the first
+    ]
+    out = store.write_group(reqs)
+    assert isinstance(out[1], EventConflictError)
+    assert out[0].recorded == 2 and out[2].recorded == 1 and out[3].recorded == 0
+    assert out[0].batch_id != out[2].batch_id
+    assert out[3].duplicates == ["b1"]
+    row = store.mastery("bob", "s0")
+    assert row.attempts == 3
+    # Two batches: clamp after the first, as two separate calls would.
+    p = seed.update_mastery_bkt_values(0.3, [1, 1])
+    p = seed.update_mastery_bkt_values(p, [0])
+    assert row.p_mastery == pytest.approx(p, abs=1e-15)
+    assert store.mastery("cat") == {}
+
+
+def test_concurrent_writers_lose_nothing(db_url):
+    """Many threads on the same (user, skill) and a few others: every logged
+    event is counted once and the rows equal a replay of the log."""
+    store = MasteryStore(db_url)
+    n_threads, n_calls = 8, 15
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        rng = np.random.default_rng(t)
+        try:
+            for i in range(n_calls):
+                skill = "hot" if rng.random() < 0.7 else f"s{t % 3}"
+                k = int(rng.integers(1, 4))
+                store.record_responses(
+                    "ann" if rng.random() < 0.8 else "bob",
+                    skill,
+                    (rng.random(k) < 0.6).tolist(),
+                    event_ids=[f"t{t}-{i}-{j}" for j in range(k)],
+                )
+                if i % 5 == 0:  # a retry racing with the others
+                    store.record_responses("ann", "hot", [True], event_ids=[f"retry-{i}"])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    log = store.events()
+    ref = _reference_rows(store, store.params)
+    for (u, s), p in ref.items():
+        row = store.mastery(u, s)
+        n = int(np.sum((log["user_id"] == u) & (log["skill"] == s)))
+        assert row.attempts == n
+        assert row.p_mastery == pytest.approx(p, abs=1e-12)
+    # Each retry id logged once however many threads sent it.
+    assert len(log["event_id"]) == len(set(zip(log["event_id"], log["skill"], strict=True)))
+
+
+def test_delete_user(db_url):
+    store = MasteryStore(db_url)
+    store.record_responses("ann", "s0", [1, 0])
+    store.record_exam_answers("ann", [{"event_id": "q", "correct": 1, "skills": ["s1", "s2"]}])
+    store.record_responses("bob", "s0", [1])
+    counts = store.delete_user("ann")
+    assert counts == {"mastery": 3, "events": 4, "batches": 2}
+    assert store.mastery("ann") == {}
+    assert len(store.events("ann")["seq"]) == 0
+    assert store.mastery("bob", "s0").attempts == 1
+    assert store.delete_user("ann") == {"mastery": 0, "events": 0, "batches": 0}
+
+
+def test_new_pair_reads_prior_and_unseen_skill_uses_default(db_url):
+    table = ParamTable({"known": BKTParams(0.5, 0.1, 0.2, 0.1)}, BKTParams(0.005, 0.1, 0.2, 0.1))
+    store = MasteryStore(db_url, table)
+    row = store.mastery("ann", "other")
+    assert not row.stored and not row.known_skill
+    assert row.p_mastery == 0.01  # the default's p_init, clamped for display
+    # ...but the first batch starts from the unclamped p_init, as replay does.
+    got = store.record_responses("ann", "other", [1]).mastery["other"]
+    want = BayesianKnowledgeTracer(table.default).update(0.005, True)
+    assert got.p_mastery == pytest.approx(min(0.99, max(0.01, want)), abs=1e-15)
+    assert store.mastery("ann", "known").known_skill
+
+
+def test_student_offsets_are_served(db_url):
+    table = ParamTable(
+        {"s0": BKTParams(0.3, 0.1, 0.2, 0.1)},
+        students={"init": {"ann": 1.5}, "transit": {"ann": -0.5}},
+    )
+    store = MasteryStore(db_url, table)
+    store.record_responses("ann", "s0", [1, 0, 1])
+    store.record_responses("bob", "s0", [1, 0, 1])
+    for u in ("ann", "bob"):
+        tr = BayesianKnowledgeTracer(table.params_for("s0", u))
+        p = table.params_for("s0", u).p_init
+        for c in (1, 0, 1):
+            p = tr.update(p, bool(c))
+        assert store.mastery(u, "s0").p_mastery == pytest.approx(p, abs=1e-15)
+    before = store.mastery("ann", "s0").p_mastery
+    store.recalculate()
+    assert store.mastery("ann", "s0").p_mastery == pytest.approx(before, abs=1e-12)
+
+
+def test_schema_version_and_reopen(db_url, tmp_path):
+    store = MasteryStore(db_url)
+    store.record_responses("ann", "s0", [1])
+    store.close()
+    again = MasteryStore(db_url, create=False)
+    assert again.mastery("ann", "s0").attempts == 1
+    with pytest.raises(StoreInputError, match="schema version"):
+        MasteryStore(f"sqlite:///{tmp_path / 'empty.db'}", create=False)
+
+
+def test_replay_of_log_with_batches_matches_rows(db_url):
+    """The store's rows equal tracing.replay of its own log with the batch key."""
+    store = MasteryStore(db_url, _table())
+    _random_traffic(store, np.random.default_rng(9), 30)
+    log = store.events()
+    res = replay(
+        {
+            "user_id": log["user_id"],
+            "skill": log["skill"],
+            "correct": log["correct"].astype(bool),
+            "order": log["seq"],
+            "batch": log["batch_id"],
+        },
+        store.params,
+        batch="batch",
+    )
+    m = res.mastery
+    for u, s, p in zip(m["user_id"], m["skill"], m["p_mastery"], strict=True):
+        assert store.mastery(u, s).p_mastery == pytest.approx(p, abs=1e-12)
+
+
+def test_store_imports_no_pymc():
+    code = (
+        "import sys, bktbayes.store, bktbayes.recalc\n"
+        "bad = [m for m in ('pymc', 'pytensor', 'arviz') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
