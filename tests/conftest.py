@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 from hypothesis import HealthCheck, settings
 
 # numba compiles on first use; no per-example deadline. Fixed derandomised

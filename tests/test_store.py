@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import seed_reference as seed
 import sqlalchemy as sa
 
 from bktbayes.params import BKTParams, ParamTable
@@ -20,8 +21,6 @@ from bktbayes.store import (
     update_mastery_bkt,
 )
 from bktbayes.tracing import BayesianKnowledgeTracer, replay
-
-import seed_reference as seed
 
 
 def _count(store: MasteryStore, table: sa.Table) -> int:
