@@ -23,6 +23,8 @@ Commands:
   score      replay an event history through the tracer with a parameter file:
              per-event predictions and the final mastery per (user, skill)
   params     write or check a parameter JSON file
+  serve      the HTTP mastery service over a database (FastAPI on uvicorn)
+  recalculate  rebuild a database's mastery rows from its event log
   demo       the quick-start job on the bundled ASSISTments 2009 data
 
 Run 'bktbayes COMMAND --help' for the options of a command.
@@ -102,6 +104,48 @@ def _cmd_score(args: argparse.Namespace) -> int:
     bar.close()
     print(_summary(res.mastery, res.unknown_skills, f"scored {args.events}"))
     print(f"  replay: {len(events):,} events in {dt:.3f} s; wrote {out} and {mastery_out}")
+    return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    import os
+
+    key = args.api_key or os.environ.get("BKTBAYES_API_KEY") or None
+    if key is not None and len(key) < 16:
+        raise BKTInputError("the API key must have at least 16 characters")
+    return key
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .service import create_app
+    from .store import MasteryStore
+
+    store = MasteryStore(args.db, _load_params(args.params))
+    key = _api_key(args)
+    app = create_app(store, api_key=key)
+    print(
+        f"serving {store.params!r} from {store.url.render_as_string(hide_password=True)} on "
+        f"http://{args.host}:{args.port} (writes {'need X-API-Key' if key else 'are open'}; "
+        f"OpenAPI at /docs)",
+        file=sys.stderr,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _cmd_recalculate(args: argparse.Namespace) -> int:
+    from .store import MasteryStore
+
+    store = MasteryStore(args.db, _load_params(args.params))
+    res = store.recalculate(users=args.user or None, bulk=args.bulk)
+    print(
+        f"recalculated {res.n_rows:,} mastery rows from {res.n_events:,} events with "
+        f"parameters {res.param_version[:12]} in {res.seconds:.2f} s (read {res.bulk_read} "
+        f"{res.seconds_read:.2f} s, replay {res.seconds_replay:.2f} s, write "
+        f"{res.seconds_write:.2f} s)"
+    )
     return 0
 
 
@@ -380,6 +424,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skill", action="append", help="skill to list (repeatable)")
     add_param_args(p)
     p.set_defaults(func=_cmd_params)
+
+    v = sub.add_parser(
+        "serve",
+        help="run the HTTP mastery service",
+        description="Serve mastery rows over HTTP: record flashcard sessions and exam "
+        "answers, read mastery, predict the next response, recalculate. The API key "
+        "(for writes) comes from --api-key or BKTBAYES_API_KEY; without one writes are open.",
+    )
+    v.add_argument("--params", help="parameter JSON (default: the seed card's defaults)")
+    v.add_argument("--db", default="sqlite:///mastery.db", help="SQLAlchemy URL")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    v.add_argument("--api-key", help="API key for writes (or env BKTBAYES_API_KEY)")
+    v.add_argument("--log-level", default="info", help="uvicorn log level")
+    v.set_defaults(func=_cmd_serve)
+
+    r = sub.add_parser(
+        "recalculate",
+        help="rebuild mastery rows from the event log",
+        description="Replay a database's event log with a parameter file and rewrite "
+        "its mastery rows (the store then serves those parameters' version).",
+    )
+    r.add_argument("--db", default="sqlite:///mastery.db", help="SQLAlchemy URL")
+    r.add_argument("--params", help="parameter JSON (default: the seed card's defaults)")
+    r.add_argument("--user", action="append", help="only this user (repeatable)")
+    r.add_argument(
+        "--bulk",
+        default="auto",
+        choices=["auto", "adbc", "sqlalchemy"],
+        help="how to read the log (default: ADBC on PostgreSQL when installed)",
+    )
+    r.set_defaults(func=_cmd_recalculate)
 
     d = sub.add_parser("demo", help="the quick-start job on the bundled data")
     d.add_argument("--events", default=str(BUNDLED_DATA), help="events file")

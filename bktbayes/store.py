@@ -215,7 +215,12 @@ def _check_time(where: str, value: Any, now: datetime) -> datetime:
         raise StoreInputError(f"{where}: time must be a datetime or ISO 8601 string")
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:
+        raise StoreInputError(f"{where}: time {value.isoformat()} is out of range") from None
+    # PostgreSQL's timestamptz and SQLite's text both hold years 1 to 9999.
+    return value
 
 
 _EXAM_FIELDS = {"event_id", "correct", "skills", "time"}
@@ -236,6 +241,8 @@ class WriteRequest:
     user: str
     items: tuple[_Item, ...]
     source: str
+    #: Event ids sent more than once in this call with the same content (kept once).
+    repeated: tuple[str, ...] = ()
 
 
 _UPDATE_ROW = (
@@ -391,7 +398,7 @@ class MasteryStore:
         responses : sequence of bool or 0/1, length n (1 <= n <= 10,000)
             In the order they were answered.
         event_ids : sequence of str, length n, optional
-            Unique ids; an id already in the log with the same content is
+            Unique ids (None: a fresh one); an id already in the log with the same content is
             ignored and reported in ``duplicates`` (retries do not count
             twice), with different content it raises :class:`EventConflictError`.
             Without ids every response is new.
@@ -435,15 +442,26 @@ class MasteryStore:
         if times is not None and len(times) != n:
             raise StoreInputError(f"times has {len(times)} items, responses has {n}")
         now = datetime.now(UTC)
-        items = []
+        items: list[_Item] = []
+        first: dict[str, bool] = {}
+        repeated: list[str] = []
         for i in range(n):
-            eid = _check_id(f"event_ids[{i}]", event_ids[i])
+            eid = _new_id() if event_ids[i] is None else _check_id(f"event_ids[{i}]", event_ids[i])
             c = _check_correct(f"responses[{i}]", responses[i])
             t = _check_time(f"times[{i}]", times[i] if times is not None else None, now)
+            # An id sent twice in one call is a retry inside the call: the
+            # same rule as across calls (kept once, or a conflict).
+            if eid in first:
+                if first[eid] != c:
+                    raise EventConflictError(
+                        f"event_ids[{i}] {eid!r} appears twice in this call with different "
+                        "answers; nothing was written"
+                    )
+                repeated.append(eid)
+                continue
+            first[eid] = c
             items.append(_Item(eid, skill, c, t))
-        if len({it.event_id for it in items}) != n:
-            raise StoreInputError("event_ids: the same id appears twice in one call")
-        return WriteRequest(user, tuple(items), _check_source(source))
+        return WriteRequest(user, tuple(items), _check_source(source), tuple(repeated))
 
     def record_exam_answers(
         self, user: str, answers: Sequence[Mapping[str, Any]], source: str = "exam"
@@ -475,7 +493,8 @@ class MasteryStore:
             raise StoreInputError(f"answers must hold 1 to {MAX_BATCH} items, got {len(answers)}")
         now = datetime.now(UTC)
         items: list[_Item] = []
-        seen: set[str] = set()
+        seen: dict[str, tuple[bool, frozenset[str]]] = {}
+        repeated: list[str] = []
         for i, a in enumerate(answers):
             where = f"answers[{i}]"
             if not isinstance(a, Mapping):
@@ -487,9 +506,6 @@ class MasteryStore:
                 if name not in a:
                     raise StoreInputError(f"{where}: missing field {name!r}")
             eid = _check_id(f"{where}.event_id", a["event_id"])
-            if eid in seen:
-                raise StoreInputError(f"{where}.event_id {eid!r} appears twice in one call")
-            seen.add(eid)
             c = _check_correct(where, a["correct"])
             skills = a["skills"]
             if isinstance(skills, (str, bytes)) or not isinstance(skills, Iterable):
@@ -500,8 +516,18 @@ class MasteryStore:
             if len(set(skills)) != len(skills):
                 raise StoreInputError(f"{where}.skills lists a skill twice")
             t = _check_time(f"{where}.time", a.get("time"), now)
+            content = (c, frozenset(skills))
+            if eid in seen:
+                if seen[eid] != content:
+                    raise EventConflictError(
+                        f"{where}.event_id {eid!r} appears twice in this call with different "
+                        "content; nothing was written"
+                    )
+                repeated.append(eid)
+                continue
+            seen[eid] = content
             items.extend(_Item(eid, s, c, t) for s in skills)
-        return WriteRequest(user, tuple(items), _check_source(source))
+        return WriteRequest(user, tuple(items), _check_source(source), tuple(repeated))
 
     def _write(self, request: WriteRequest) -> RecordResult:
         res = self.write_group([request])[0]
@@ -605,7 +631,7 @@ class MasteryStore:
                 else:
                     row = touched.get((r.user, s)) or self._stored_row(conn, r.user, s, known)
                 rows[s] = row
-            results[i] = RecordResult(r.user, rows, len(new), sorted(dups), None)
+            results[i] = RecordResult(r.user, rows, len(new), sorted(dups | set(r.repeated)), None)
             if new:
                 accepted.append((i, r, new))
         if not accepted:

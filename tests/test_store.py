@@ -184,6 +184,11 @@ def test_idempotent_event_ids(db_url):
     again = store.record_exam_answers("ann", ans)
     assert again.recorded == 0 and again.duplicates == ["q1"]
     assert store.mastery("ann", "s1").attempts == 1
+    # The same id twice inside one call is kept once (a retry inside the call).
+    inner = store.record_responses("ann", "s3", [1, 1, 0], event_ids=["r", "r", "t"])
+    assert inner.recorded == 2 and inner.duplicates == ["r"]
+    twice = store.record_exam_answers("ann", [ans[0] | {"event_id": "q9"}] * 2)
+    assert twice.recorded == 2 and twice.duplicates == ["q9"]
 
 
 @pytest.mark.parametrize(
@@ -222,6 +227,13 @@ def test_reused_event_id_with_other_content_is_rejected(db_url, second):
             ],
             r"answers\[1\]\.skills lists a skill twice",
         ),
+        (
+            [
+                {"event_id": "a", "correct": True, "skills": ["s0", "s1"]},
+                {"event_id": "a", "correct": True, "skills": ["s0"]},
+            ],
+            r"answers\[1\]\.event_id 'a' appears twice in this call with different",
+        ),
         ([], "1 to"),
     ],
 )
@@ -258,7 +270,7 @@ def test_exam_answer_is_atomic_across_skills(db_url):
         ({"responses": []}, "1 to"),
         ({"responses": "101"}, "list"),
         ({"responses": [1], "event_ids": ["a", "b"]}, "event_ids has 2"),
-        ({"responses": [1, 1], "event_ids": ["a", "a"]}, "twice"),
+        ({"responses": [1, 0], "event_ids": ["a", "a"]}, "twice in this call"),
         ({"responses": [1], "user": ""}, "user_id"),
         ({"responses": [1], "user": "a\x00b"}, "control"),
         ({"responses": [1], "skill": 7}, "skill must be a string"),

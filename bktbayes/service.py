@@ -1,0 +1,443 @@
+"""HTTP scoring service over :class:`bktbayes.store.MasteryStore` (FastAPI).
+
+``bktbayes serve --params PARAMS.json --db URL`` runs it on uvicorn. Writes
+(record a flashcard session, record exam answers, delete a user, start a
+recalculation) need the API key when one is configured (header ``X-API-Key``,
+compared in constant time); reads are open. A 2xx to a write means it is
+committed: concurrent writes are grouped into one transaction by a writer
+thread (:class:`GroupWriter`) and every response is sent after that commit.
+
+Errors: request bodies that do not match the schema get FastAPI's 422 naming
+the field; input the store rejects gets 422 with its message; an event id
+reused with different content gets 409. There is deliberately no catch-all
+handler: anything unexpected stays a 500 and is logged.
+"""
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import queue
+import threading
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+
+from . import __version__
+from .store import (
+    MAX_BATCH,
+    MAX_ID_LENGTH,
+    SCHEMA_VERSION,
+    EventConflictError,
+    MasteryRow,
+    MasteryStore,
+    RecordResult,
+    StoreInputError,
+    WriteRequest,
+)
+
+__all__ = ["GroupWriter", "create_app"]
+
+log = logging.getLogger("bktbayes.service")
+
+_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+PathId = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH, pattern=_ID_PATTERN)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(_Strict):
+    """One flashcard response."""
+
+    correct: StrictBool
+    event_id: Id | None = Field(
+        None, description="Unique id; a retry with the same id is not counted twice."
+    )
+    time: datetime | None = Field(None, description="When it was answered (recorded only).")
+
+
+class FlashcardSession(_Strict):
+    """A user's responses on one skill, in the order they were answered."""
+
+    user_id: Id
+    skill: Id
+    responses: list[Response] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class ExamAnswer(_Strict):
+    event_id: Id
+    correct: StrictBool
+    skills: list[Id] = Field(min_length=1, max_length=100, json_schema_extra={"uniqueItems": True})
+    time: datetime | None = None
+
+
+class ExamAnswers(_Strict):
+    """A user's exam answers, each tagged with the skills it tests."""
+
+    user_id: Id
+    answers: list[ExamAnswer] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class MasteryOut(BaseModel):
+    user_id: str
+    skill: str
+    p_mastery: float = Field(description="P(mastered), clamped to [0.01, 0.99]")
+    attempts: int
+    correct_attempts: int
+    status: Literal["mastered", "in_progress", "needs_focus"]
+    param_version: str
+    updated_at: datetime | None
+    known_skill: bool = Field(description="False: the population default was used")
+    stored: bool = Field(description="False: no events yet, the prior is shown")
+
+
+class RecordOut(BaseModel):
+    user_id: str
+    recorded: int = Field(description="Events newly logged")
+    duplicates: list[str] = Field(description="Event ids already logged (ignored)")
+    batch_id: int | None
+    mastery: list[MasteryOut]
+
+
+class UserMastery(BaseModel):
+    user_id: str
+    mastery: list[MasteryOut]
+
+
+class PredictionOut(BaseModel):
+    user_id: str
+    skill: str
+    p_correct: float
+    p_mastery: float
+    status: str
+    known_skill: bool
+
+
+class RecalcIn(_Strict):
+    users: list[Id] | None = Field(None, max_length=100_000, description="Default: everyone")
+
+
+class JobOut(BaseModel):
+    job_id: str
+    state: Literal["queued", "running", "done", "failed"]
+    submitted: datetime
+    finished: datetime | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class DeletedOut(BaseModel):
+    user_id: str
+    deleted: dict[str, int]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+    database: str
+    schema_version: int
+    param_version: str
+    param_model: str
+    n_skills: int
+
+
+def _mastery_out(row: MasteryRow) -> MasteryOut:
+    return MasteryOut(**row.to_dict())
+
+
+def _record_out(res: RecordResult) -> RecordOut:
+    return RecordOut(
+        user_id=res.user_id,
+        recorded=res.recorded,
+        duplicates=res.duplicates,
+        batch_id=res.batch_id,
+        mastery=[_mastery_out(r) for _, r in sorted(res.mastery.items())],
+    )
+
+
+class GroupWriter:
+    """One thread that takes every write waiting in its queue, applies them in
+    one transaction (:meth:`MasteryStore.write_group`) and then resolves each
+    request's future: group commit, so that throughput does not pay one commit
+    (and half a dozen round trips) per request, while each caller still hears
+    back only after its write is committed."""
+
+    def __init__(self, store: MasteryStore, max_group: int = 256) -> None:
+        self.store = store
+        self.max_group = max_group
+        self._queue: queue.Queue[tuple[WriteRequest, concurrent.futures.Future] | None] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._run, name="bktbayes-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: WriteRequest) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((request, fut))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            stop = False
+            while len(group) < self.max_group:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
+            try:
+                results = self.store.write_group([r for r, _ in group])
+            except BaseException as e:  # the whole transaction failed: every caller hears it
+                log.exception("write group of %d failed", len(group))
+                for _, fut in group:
+                    fut.set_exception(e)
+            else:
+                for (_, fut), res in zip(group, results, strict=True):
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+            if stop:
+                return
+
+
+class _Jobs:
+    """Recalculation jobs, run one at a time on a background thread."""
+
+    def __init__(self, store: MasteryStore) -> None:
+        self.store = store
+        self.jobs: dict[str, JobOut] = {}
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bktbayes-recalc")
+        self.lock = threading.Lock()
+
+    def start(self, users: list[str] | None) -> JobOut:
+        job = JobOut(job_id=uuid.uuid4().hex, state="queued", submitted=datetime.now(UTC))
+        with self.lock:
+            self.jobs[job.job_id] = job
+        self.pool.submit(self._run, job.job_id, users)
+        return job
+
+    def _set(self, job_id: str, **kw: Any) -> None:
+        with self.lock:
+            self.jobs[job_id] = self.jobs[job_id].model_copy(update=kw)
+
+    def _run(self, job_id: str, users: list[str] | None) -> None:
+        self._set(job_id, state="running")
+        try:
+            res = self.store.recalculate(users=users)
+        except Exception as e:
+            log.exception("recalculation %s failed", job_id)
+            self._set(job_id, state="failed", error=str(e), finished=datetime.now(UTC))
+            return
+        result = {
+            "n_events": res.n_events,
+            "n_rows": res.n_rows,
+            "param_version": res.param_version,
+            "bulk_read": res.bulk_read,
+            "seconds": res.seconds,
+        }
+        self._set(job_id, state="done", result=result, finished=datetime.now(UTC))
+
+    def get(self, job_id: str) -> JobOut | None:
+        with self.lock:
+            return self.jobs.get(job_id)
+
+
+def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: int = 256) -> FastAPI:
+    """The ASGI application over ``store``.
+
+    Parameters
+    ----------
+    store : MasteryStore
+    api_key : str, optional
+        When set, writes need header ``X-API-Key`` with this value (else 401).
+    max_group : int
+        Most writes grouped into one transaction.
+    """
+    writer = GroupWriter(store, max_group=max_group)
+    jobs = _Jobs(store)
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
+
+    async def lifespan(app: FastAPI):
+        yield
+        writer.close()
+        jobs.pool.shutdown(wait=True)
+
+    app = FastAPI(
+        title="bktbayes mastery service",
+        version=__version__,
+        description=(
+            "Bayesian Knowledge Tracing mastery rows (the seed card's service): record "
+            "flashcard sessions and exam answers, read mastery, predict the next response, "
+            "recalculate from the event log."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.writer = writer
+
+    def require_key(key: Annotated[str | None, Security(key_header)] = None) -> None:
+        if api_key is None:
+            return
+        if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong API key (header X-API-Key)",
+                headers={"WWW-Authenticate": "APIKey"},
+            )
+
+    write_auth = [Depends(require_key)]
+    write_errors: dict[int | str, dict[str, Any]] = {
+        400: {"description": "The body is not valid JSON"},
+        401: {"description": "Missing or wrong API key"},
+        409: {"description": "An event id was reused with different content"},
+    }
+
+    # Only the store's own input errors are mapped; anything else stays a 500.
+    @app.exception_handler(EventConflictError)
+    async def _conflict(request: Request, exc: EventConflictError) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(StoreInputError)
+    async def _bad_input(request: Request, exc: StoreInputError) -> JSONResponse:
+        # The same shape as FastAPI's own 422, so one documented schema covers both.
+        detail = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    async def _submit(req: WriteRequest) -> RecordResult:
+        return await asyncio.wrap_future(writer.submit(req))
+
+    @app.get("/health", response_model=Health, tags=["service"])
+    def health() -> Health:
+        """Liveness and what is being served (checks the database)."""
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return Health(
+            status="ok",
+            version=__version__,
+            database=store.dialect,
+            schema_version=SCHEMA_VERSION,
+            param_version=store.param_version,
+            param_model=store.params.model,
+            n_skills=len(store.params),
+        )
+
+    @app.post(
+        "/v1/flashcard-sessions",
+        response_model=RecordOut,
+        dependencies=write_auth,
+        responses=write_errors,
+        tags=["write"],
+    )
+    async def record_flashcard_session(body: FlashcardSession) -> RecordOut:
+        """Record a flashcard session (one batch) and update the (user, skill) row."""
+        req = MasteryStore.flashcard_request(
+            body.user_id,
+            body.skill,
+            [r.correct for r in body.responses],
+            event_ids=[r.event_id for r in body.responses],
+            times=[r.time for r in body.responses],
+        )
+        return _record_out(await _submit(req))
+
+    @app.post(
+        "/v1/exam-answers",
+        response_model=RecordOut,
+        dependencies=write_auth,
+        responses=write_errors,
+        tags=["write"],
+    )
+    async def record_exam_answers(body: ExamAnswers) -> RecordOut:
+        """Record exam answers tagged with skills: every tagged skill's row is
+        updated in one transaction."""
+        req = MasteryStore.exam_request(
+            body.user_id, [a.model_dump(exclude_none=True) for a in body.answers]
+        )
+        return _record_out(await _submit(req))
+
+    @app.get("/v1/users/{user_id}/mastery", response_model=UserMastery, tags=["read"])
+    def user_mastery(user_id: PathId) -> UserMastery:
+        """All of a user's stored mastery rows."""
+        rows = store.mastery(user_id)
+        return UserMastery(
+            user_id=user_id, mastery=[_mastery_out(r) for _, r in sorted(rows.items())]
+        )
+
+    @app.get("/v1/users/{user_id}/skills/{skill}", response_model=MasteryOut, tags=["read"])
+    def skill_mastery(user_id: PathId, skill: PathId) -> MasteryOut:
+        """One (user, skill)'s row; the prior (``stored: false``) if it has no events."""
+        return _mastery_out(store.mastery(user_id, skill))
+
+    @app.get(
+        "/v1/users/{user_id}/skills/{skill}/prediction",
+        response_model=PredictionOut,
+        tags=["read"],
+    )
+    def predict_next(user_id: PathId, skill: PathId) -> PredictionOut:
+        """P(correct) on the user's next response on the skill."""
+        row = store.mastery(user_id, skill)
+        return PredictionOut(
+            user_id=user_id,
+            skill=skill,
+            p_correct=store.predict_next(user_id, skill),
+            p_mastery=row.p_mastery,
+            status=row.status,
+            known_skill=row.known_skill,
+        )
+
+    @app.delete(
+        "/v1/users/{user_id}",
+        response_model=DeletedOut,
+        dependencies=write_auth,
+        responses={401: write_errors[401]},
+        tags=["write"],
+    )
+    def delete_user(user_id: PathId) -> DeletedOut:
+        """Delete a user's events and mastery rows (one transaction)."""
+        return DeletedOut(user_id=user_id, deleted=store.delete_user(user_id))
+
+    @app.post(
+        "/v1/recalculations",
+        response_model=JobOut,
+        status_code=202,
+        dependencies=write_auth,
+        responses={400: write_errors[400], 401: write_errors[401]},
+        tags=["write"],
+    )
+    def start_recalculation(body: RecalcIn) -> JobOut:
+        """Start a background recalculation of mastery rows from the event log."""
+        return jobs.start(body.users)
+
+    @app.get(
+        "/v1/recalculations/{job_id}",
+        response_model=JobOut,
+        responses={404: {"description": "No such job"}},
+        tags=["read"],
+    )
+    def recalculation(job_id: Annotated[str, Path(max_length=64)]) -> JobOut:
+        """State of a recalculation job."""
+        job = jobs.get(job_id)
+        if job is None:
+            raise HTTPException(status_code=404, detail=f"no recalculation job {job_id!r}")
+        return job
+
+    return app
