@@ -122,16 +122,35 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .service import create_app
     from .store import MasteryStore
 
-    store = MasteryStore(args.db, _load_params(args.params))
     key = _api_key(args)
-    app = create_app(store, api_key=key)
+    store = MasteryStore(args.db, _load_params(args.params))  # validates, creates the schema
     print(
         f"serving {store.params!r} from {store.url.render_as_string(hide_password=True)} on "
         f"http://{args.host}:{args.port} (writes {'need X-API-Key' if key else 'are open'}; "
         f"OpenAPI at /docs)",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    common = {"host": args.host, "port": args.port, "log_level": args.log_level}
+    if args.workers > 1:
+        # Each worker process opens its own store from the environment.
+        import os
+
+        os.environ["BKTBAYES_DB"] = str(args.db)
+        os.environ.pop("BKTBAYES_PARAMS", None)
+        if args.params:
+            os.environ["BKTBAYES_PARAMS"] = str(Path(args.params).resolve())
+        if key:
+            os.environ["BKTBAYES_API_KEY"] = key
+        store.close()
+        uvicorn.run(
+            "bktbayes.service:app_from_env",
+            factory=True,
+            workers=args.workers,
+            access_log=False,
+            **common,
+        )
+        return 0
+    uvicorn.run(create_app(store, api_key=key), access_log=False, **common)
     return 0
 
 
@@ -438,6 +457,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     v.add_argument("--api-key", help="API key for writes (or env BKTBAYES_API_KEY)")
     v.add_argument("--log-level", default="info", help="uvicorn log level")
+    v.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (default 1; the database's locks keep them consistent)",
+    )
     v.set_defaults(func=_cmd_serve)
 
     r = sub.add_parser(

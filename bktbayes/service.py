@@ -17,9 +17,10 @@ import asyncio
 import concurrent.futures
 import hmac
 import logging
+import os
 import queue
+import sys
 import threading
-import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -221,32 +222,25 @@ class GroupWriter:
 
 
 class _Jobs:
-    """Recalculation jobs, run one at a time on a background thread."""
+    """Recalculation jobs: recorded in the store's database (every worker
+    process sees them), run one at a time per process on a background thread."""
 
     def __init__(self, store: MasteryStore) -> None:
         self.store = store
-        self.jobs: dict[str, JobOut] = {}
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bktbayes-recalc")
-        self.lock = threading.Lock()
 
     def start(self, users: list[str] | None) -> JobOut:
-        job = JobOut(job_id=uuid.uuid4().hex, state="queued", submitted=datetime.now(UTC))
-        with self.lock:
-            self.jobs[job.job_id] = job
-        self.pool.submit(self._run, job.job_id, users)
-        return job
-
-    def _set(self, job_id: str, **kw: Any) -> None:
-        with self.lock:
-            self.jobs[job_id] = self.jobs[job_id].model_copy(update=kw)
+        rec = self.store.create_job()
+        self.pool.submit(self._run, rec["job_id"], users)
+        return JobOut(**rec)
 
     def _run(self, job_id: str, users: list[str] | None) -> None:
-        self._set(job_id, state="running")
+        self.store.set_job(job_id, state="running")
         try:
             res = self.store.recalculate(users=users)
         except Exception as e:
             log.exception("recalculation %s failed", job_id)
-            self._set(job_id, state="failed", error=str(e), finished=datetime.now(UTC))
+            self.store.set_job(job_id, state="failed", error=str(e), finished=datetime.now(UTC))
             return
         result = {
             "n_events": res.n_events,
@@ -255,11 +249,11 @@ class _Jobs:
             "bulk_read": res.bulk_read,
             "seconds": res.seconds,
         }
-        self._set(job_id, state="done", result=result, finished=datetime.now(UTC))
+        self.store.set_job(job_id, state="done", result=result, finished=datetime.now(UTC))
 
     def get(self, job_id: str) -> JobOut | None:
-        with self.lock:
-            return self.jobs.get(job_id)
+        rec = self.store.job(job_id)
+        return None if rec is None else JobOut(**rec)
 
 
 def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: int = 256) -> FastAPI:
@@ -273,6 +267,10 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     max_group : int
         Most writes grouped into one transaction.
     """
+    # The writer thread and the event loop share the GIL; CPython's default
+    # 5 ms switch interval makes the loop wait behind the writer after every
+    # socket call (the convoy effect), which showed as p99 latency in seconds.
+    sys.setswitchinterval(float(os.environ.get("BKTBAYES_SWITCH_INTERVAL", "0.0005")))
     writer = GroupWriter(store, max_group=max_group)
     jobs = _Jobs(store)
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
@@ -295,7 +293,8 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     app.state.store = store
     app.state.writer = writer
 
-    def require_key(key: Annotated[str | None, Security(key_header)] = None) -> None:
+    # async: a sync dependency would be sent to a worker thread on every request.
+    async def require_key(key: Annotated[str | None, Security(key_header)] = None) -> None:
         if api_key is None:
             return
         if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
@@ -441,3 +440,19 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         return job
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """Application factory for ``uvicorn --factory`` and ``bktbayes serve --workers N``:
+    reads ``BKTBAYES_DB`` (SQLAlchemy URL), ``BKTBAYES_PARAMS`` (parameter JSON,
+    optional) and ``BKTBAYES_API_KEY`` (optional) from the environment."""
+    import os
+
+    from .params import ParamTable
+
+    params = os.environ.get("BKTBAYES_PARAMS")
+    store = MasteryStore(
+        os.environ.get("BKTBAYES_DB", "sqlite:///mastery.db"),
+        ParamTable.from_json(params) if params else None,
+    )
+    return create_app(store, api_key=os.environ.get("BKTBAYES_API_KEY") or None)

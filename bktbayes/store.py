@@ -30,6 +30,7 @@ writer at a time, others wait up to ``busy_timeout``), in WAL mode with
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -127,6 +128,19 @@ mastery_table = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Background recalculation jobs, in the database so that every server worker
+# process sees the same jobs.
+jobs_table = sa.Table(
+    "bkt_jobs",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("submitted", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("finished", sa.DateTime(timezone=True)),
+    sa.Column("result", sa.Text),
+    sa.Column("error", sa.Text),
+)
+
 
 @dataclass(frozen=True)
 class MasteryRow:
@@ -184,14 +198,21 @@ class RecalcResult:
         return self.seconds_read + self.seconds_replay + self.seconds_write
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Lone surrogates cannot be encoded (UTF-8 on PostgreSQL, SQLite): not an id.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
 def _check_id(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise StoreInputError(f"{name} must be a string, got {type(value).__name__}")
     if not value or len(value) > MAX_ID_LENGTH:
         raise StoreInputError(f"{name} must have 1 to {MAX_ID_LENGTH} characters, got {value!r}")
     # PostgreSQL text cannot hold NUL; control characters in ids are always a bug upstream.
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL.search(value):
         raise StoreInputError(f"{name} contains control characters: {value!r}")
+    if _SURROGATE.search(value):
+        raise StoreInputError(f"{name} contains a lone surrogate (not valid Unicode): {value!r}")
     return value
 
 
@@ -244,6 +265,55 @@ class WriteRequest:
     #: Event ids sent more than once in this call with the same content (kept once).
     repeated: tuple[str, ...] = ()
 
+
+# PostgreSQL forms of a write's statements (see MasteryStore._logged & co.).
+# Rows are created-or-locked in the sorted order of the input arrays: two
+# groups lock shared rows in the same order and cannot deadlock.
+_PG_LOCK_ROWS = """
+INSERT INTO bkt_mastery AS m
+    (user_id, skill, p_mastery, attempts, correct_attempts, status, param_version, updated_at)
+SELECT t.u, t.s, 0.5, 0, 0, 'in_progress', '', %(now)s
+FROM unnest(%(u)s::text[], %(s)s::text[]) WITH ORDINALITY AS t(u, s, k)
+ORDER BY t.k
+ON CONFLICT (user_id, skill) DO UPDATE SET attempts = m.attempts
+RETURNING m.user_id, m.skill, m.p_mastery, m.attempts, m.correct_attempts, m.param_version,
+    m.updated_at
+"""
+_PG_LOGGED = """
+SELECT event_id, user_id, skill, correct FROM bkt_events WHERE event_id = ANY(%(ids)s::text[])
+"""
+# Batch ids are drawn first (MATERIALIZED: once per batch), events point at
+# their batch by its position k, and are inserted in array order (ORDER BY
+# the ordinality) so that their seq (arrival order) follows the order in
+# which the updates were computed.
+_PG_INSERT_LOG = """
+WITH ids AS MATERIALIZED (
+    SELECT t.k, nextval(pg_get_serial_sequence('bkt_batches', 'batch_id')) AS id,
+           t.u, t.src, t.n
+    FROM unnest(%(b_user)s::text[], %(b_source)s::text[], %(b_n)s::int[])
+        WITH ORDINALITY AS t(u, src, n, k)
+), b AS (
+    INSERT INTO bkt_batches (batch_id, user_id, source, received_at, n_events)
+    SELECT id, u, src, %(now)s, n FROM ids
+), e AS (
+    INSERT INTO bkt_events (event_id, user_id, skill, correct, event_time, source, batch_id)
+    SELECT e.id, e.u, e.s, e.c, e.t, e.src, ids.id
+    FROM unnest(%(e_id)s::text[], %(e_user)s::text[], %(e_skill)s::text[], %(e_correct)s::bool[],
+                %(e_time)s::timestamptz[], %(e_source)s::text[], %(e_k)s::bigint[])
+        WITH ORDINALITY AS e(id, u, s, c, t, src, k, ord)
+    JOIN ids ON ids.k = e.k
+    ORDER BY e.ord
+)
+SELECT k, id FROM ids
+"""
+_PG_UPDATE_ROWS = """
+UPDATE bkt_mastery AS m
+SET p_mastery = t.p, attempts = t.a, correct_attempts = t.c, status = t.st,
+    param_version = %(v)s, updated_at = %(now)s
+FROM unnest(%(u)s::text[], %(s)s::text[], %(p)s::float8[], %(a)s::int[], %(c)s::int[],
+            %(st)s::text[]) AS t(u, s, p, a, c, st)
+WHERE m.user_id = t.u AND m.skill = t.s
+"""
 
 _UPDATE_ROW = (
     sa.update(mastery_table)
@@ -584,19 +654,98 @@ class MasteryStore:
         now: datetime,
         results: list[Any],
     ) -> None:
+        if self.dialect == "postgresql":
+            self._apply_pg(conn, requests, params, version, now, results)
+            return
         pairs = sorted({(r.user, it.skill) for r in requests for it in r.items})
-        state = self._lock_rows(conn, pairs, params, now)
+        locked = self._lock_rows(conn, pairs, params, now)
         ids = sorted({it.event_id for r in requests for it in r.items})
-        have: dict[str, set[tuple[str, str, bool]]] = {}
-        for lo in range(0, len(ids), 5000):
-            for row in conn.execute(
-                sa.select(
-                    events.c.event_id, events.c.user_id, events.c.skill, events.c.correct
-                ).where(events.c.event_id.in_(ids[lo : lo + 5000]))
-            ):
-                have.setdefault(row.event_id, set()).add(
-                    (row.user_id, row.skill, bool(row.correct))
+        accepted, touched = self._plan(
+            requests, locked, self._logged(conn, ids), params, version, now, results
+        )
+        if not accepted:
+            conn.rollback()  # only the placeholder rows were written
+            return
+        batch_ids = self._insert_log(conn, accepted, now)
+        self._update_rows(conn, touched, version, now)
+        self._set_batch_ids(accepted, batch_ids, results)
+
+    def _apply_pg(
+        self,
+        conn: sa.Connection,
+        requests: Sequence[WriteRequest],
+        params: ParamTable,
+        version: str,
+        now: datetime,
+        results: list[Any],
+    ) -> None:
+        """PostgreSQL: the same statements in psycopg's pipeline mode, so that
+        a group costs two round trips before its commit (lock rows and look up
+        event ids together; append the log and update the rows together)."""
+        import psycopg
+
+        raw = conn.connection.driver_connection
+        pairs = sorted({(r.user, it.skill) for r in requests for it in r.items})
+        ids = sorted({it.event_id for r in requests for it in r.items})
+        try:
+            with raw.pipeline() as pipe, raw.cursor() as c1, raw.cursor() as c2:
+                c1.execute(
+                    _PG_LOCK_ROWS,
+                    {"u": [u for u, _ in pairs], "s": [s for _, s in pairs], "now": now},
                 )
+                c2.execute(_PG_LOGGED, {"ids": ids})
+                pipe.sync()
+                locked = {}
+                for u, s, p, att, cor, v, t in c1.fetchall():
+                    if att == 0:
+                        p = params.params_for(s, u).p_init
+                    locked[(u, s)] = (float(p), int(att), int(cor), v, t)
+                logged = c2.fetchall()
+                accepted, touched = self._plan(
+                    requests, locked, logged, params, version, now, results
+                )
+                if not accepted:
+                    pipe.sync()
+                    conn.rollback()  # only the placeholder rows were written
+                    return
+                c1.execute(_PG_INSERT_LOG, _pg_log_params(accepted, now))
+                c2.execute(_PG_UPDATE_ROWS, _pg_row_params(touched, version, now))
+                pipe.sync()
+                batch_ids = [b for _, b in sorted(c1.fetchall())]
+        except psycopg.errors.IntegrityError as e:
+            raise sa.exc.IntegrityError("write group", None, e) from e
+        self._set_batch_ids(accepted, batch_ids, results)
+
+    @staticmethod
+    def _set_batch_ids(
+        accepted: list[tuple[int, WriteRequest, list[_Item]]],
+        batch_ids: list[int],
+        results: list[Any],
+    ) -> None:
+        for (i, _, _), b in zip(accepted, batch_ids, strict=True):
+            res = results[i]
+            results[i] = RecordResult(
+                res.user_id, res.mastery, res.recorded, res.duplicates, int(b)
+            )
+
+    def _plan(
+        self,
+        requests: Sequence[WriteRequest],
+        locked: dict[tuple[str, str], tuple[float, int, int, str, datetime]],
+        logged: Iterable[tuple[str, str, str, bool]],
+        params: ParamTable,
+        version: str,
+        now: datetime,
+        results: list[Any],
+    ) -> tuple[list[tuple[int, WriteRequest, list[_Item]]], list[MasteryRow]]:
+        """The group's arithmetic, no I/O: which events are new, duplicates or
+        conflicts, and every touched row's new value (requests in list order).
+        Fills ``results``; returns the accepted requests and the touched rows."""
+        state = {k: v[:3] for k, v in locked.items()}
+        stored = {k: (v[3], _aware(v[4])) for k, v in locked.items()}
+        have: dict[str, set[tuple[str, str, bool]]] = {}
+        for eid, u, s, c in logged:
+            have.setdefault(eid, set()).add((u, s, bool(c)))
         accepted: list[tuple[int, WriteRequest, list[_Item]]] = []
         touched: dict[tuple[str, str], MasteryRow] = {}
         for i, r in enumerate(requests):
@@ -629,15 +778,42 @@ class MasteryStore:
                         r.user, s, p, 0, 0, mastery_status(p), version, None, known, False
                     )
                 else:
-                    row = touched.get((r.user, s)) or self._stored_row(conn, r.user, s, known)
+                    row = touched.get((r.user, s)) or MasteryRow(
+                        r.user, s, p, att, cor, mastery_status(p), *stored[(r.user, s)], known
+                    )
                 rows[s] = row
             results[i] = RecordResult(r.user, rows, len(new), sorted(dups | set(r.repeated)), None)
             if new:
                 accepted.append((i, r, new))
-        if not accepted:
-            conn.rollback()  # only the placeholder rows were written
-            return
-        batch_ids = [
+        return accepted, list(touched.values())
+
+    # The statements of a write: a portable SQLAlchemy form, and on PostgreSQL
+    # one statement each over arrays (unnest), whose text never changes, so
+    # psycopg prepares it once and a group costs a handful of round trips.
+    def _logged(self, conn: sa.Connection, ids: list[str]) -> list[tuple[str, str, str, bool]]:
+        if self.dialect == "postgresql":
+            return _pg_exec(conn, _PG_LOGGED, {"ids": ids})
+        out = []
+        for lo in range(0, len(ids), 5000):
+            out += conn.execute(
+                sa.select(
+                    events.c.event_id, events.c.user_id, events.c.skill, events.c.correct
+                ).where(events.c.event_id.in_(ids[lo : lo + 5000]))
+            ).all()
+        return out
+
+    def _insert_log(
+        self,
+        conn: sa.Connection,
+        accepted: list[tuple[int, WriteRequest, list[_Item]]],
+        now: datetime,
+    ) -> list[int]:
+        """Append the accepted requests' batches and events (events in list
+        order, so that arrival order follows the order of the updates)."""
+        if self.dialect == "postgresql":
+            rows = _pg_exec(conn, _PG_INSERT_LOG, _pg_log_params(accepted, now))
+            return [b for _, b in sorted(rows)]
+        ids = [
             row[0]
             for row in conn.execute(
                 sa.insert(batches).returning(batches.c.batch_id, sort_by_parameter_order=True),
@@ -659,31 +835,34 @@ class MasteryStore:
                     "source": r.source,
                     "batch_id": b,
                 }
-                for (_, r, new), b in zip(accepted, batch_ids, strict=True)
+                for (_, r, new), b in zip(accepted, ids, strict=True)
                 for it in new
             ],
         )
+        return ids
+
+    def _update_rows(
+        self, conn: sa.Connection, rows: list[MasteryRow], version: str, now: datetime
+    ) -> None:
+        if self.dialect == "postgresql":
+            _pg_exec(conn, _PG_UPDATE_ROWS, _pg_row_params(rows, version, now))
+            return
         conn.execute(
             _UPDATE_ROW,
             [
                 {
-                    "u": row.user_id,
-                    "s": row.skill,
-                    "p_mastery": row.p_mastery,
-                    "attempts": row.attempts,
-                    "correct_attempts": row.correct_attempts,
-                    "status": row.status,
+                    "u": r.user_id,
+                    "s": r.skill,
+                    "p_mastery": r.p_mastery,
+                    "attempts": r.attempts,
+                    "correct_attempts": r.correct_attempts,
+                    "status": r.status,
                     "param_version": version,
                     "updated_at": now,
                 }
-                for row in touched.values()
+                for r in rows
             ],
         )
-        for (i, _, _), b in zip(accepted, batch_ids, strict=True):
-            res = results[i]
-            results[i] = RecordResult(
-                res.user_id, res.mastery, res.recorded, res.duplicates, int(b)
-            )
 
     def _lock_rows(
         self,
@@ -691,12 +870,23 @@ class MasteryStore:
         pairs: list[tuple[str, str]],
         params: ParamTable,
         now: datetime,
-    ) -> dict[tuple[str, str], tuple[float, int, int]]:
+    ) -> dict[tuple[str, str], tuple[float, int, int, str, datetime]]:
         """Create missing rows and lock all of ``pairs`` (sorted, so that
         concurrent groups lock in the same order); return (p, attempts,
-        correct) per pair. A row without attempts starts from the current
-        parameters' ``p_init``, unclamped, as replay does."""
-        out: dict[tuple[str, str], tuple[float, int, int]] = {}
+        correct, param_version, updated_at) per pair. A row without attempts
+        starts from the current parameters' ``p_init``, unclamped, as replay does."""
+        out: dict[tuple[str, str], tuple[float, int, int, str, datetime]] = {}
+        if self.dialect == "postgresql":
+            rows = _pg_exec(
+                conn,
+                _PG_LOCK_ROWS,
+                {"u": [u for u, _ in pairs], "s": [s for _, s in pairs], "now": now},
+            )
+            for u, s, p, att, cor, v, t in rows:
+                if att == 0:
+                    p = params.params_for(s, u).p_init
+                out[(u, s)] = (float(p), int(att), int(cor), v, t)
+            return out
         insert = _dialect_insert(self.dialect)
         for lo in range(0, len(pairs), 1000):
             chunk = pairs[lo : lo + 1000]
@@ -726,20 +916,14 @@ class MasteryStore:
                 mastery_table.c.p_mastery,
                 mastery_table.c.attempts,
                 mastery_table.c.correct_attempts,
+                mastery_table.c.param_version,
+                mastery_table.c.updated_at,
             )
-            for u, s, p, att, cor in conn.execute(stmt):
+            for u, s, p, att, cor, v, t in conn.execute(stmt):
                 if att == 0:
                     p = params.params_for(s, u).p_init
-                out[(u, s)] = (float(p), int(att), int(cor))
+                out[(u, s)] = (float(p), int(att), int(cor), v, t)
         return out
-
-    def _stored_row(self, conn: sa.Connection, user: str, skill: str, known: bool) -> MasteryRow:
-        r = conn.execute(
-            sa.select(mastery_table).where(
-                mastery_table.c.user_id == user, mastery_table.c.skill == skill
-            )
-        ).one()
-        return self._row(r)
 
     def delete_user(self, user: str) -> dict[str, int]:
         """Remove a user's events, batches and mastery rows in one transaction
@@ -832,6 +1016,40 @@ class MasteryStore:
             for k, c in zip(keys, cols, strict=True)
         }
 
+    # Jobs -------------------------------------------------------------------
+    def create_job(self) -> dict[str, Any]:
+        """Register a queued background job; returns its record."""
+        rec = {"job_id": _new_id(), "state": "queued", "submitted": datetime.now(UTC)}
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(jobs_table).values(**rec))
+        return self.job(rec["job_id"])  # type: ignore[return-value]
+
+    def set_job(self, job_id: str, **fields: Any) -> None:
+        """Update a job's ``state``, ``finished``, ``result`` (JSON-able) or ``error``."""
+        import json
+
+        if "result" in fields and fields["result"] is not None:
+            fields["result"] = json.dumps(fields["result"])
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(jobs_table).where(jobs_table.c.job_id == job_id).values(**fields)
+            )
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job's record, or None."""
+        import json
+
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(jobs_table).where(jobs_table.c.job_id == job_id)).first()
+        if r is None:
+            return None
+        rec = dict(r._mapping)
+        for k in ("submitted", "finished"):
+            if rec[k] is not None and rec[k].tzinfo is None:
+                rec[k] = rec[k].replace(tzinfo=UTC)
+        rec["result"] = json.loads(rec["result"]) if rec["result"] else None
+        return rec
+
     # Recalculation ---------------------------------------------------------
     def recalculate(
         self,
@@ -902,6 +1120,59 @@ def _duplicates(
                 f"(logged {sorted(have[eid])}, sent {sorted(rows)}); nothing was written"
             )
     return set(want)
+
+
+def _pg_log_params(
+    accepted: list[tuple[int, WriteRequest, list[_Item]]], now: datetime
+) -> dict[str, Any]:
+    ev = [(it, r, k) for k, (_, r, new) in enumerate(accepted, 1) for it in new]
+    return {
+        "b_user": [r.user for _, r, _ in accepted],
+        "b_source": [r.source for _, r, _ in accepted],
+        "b_n": [len(new) for _, _, new in accepted],
+        "now": now,
+        "e_id": [it.event_id for it, _, _ in ev],
+        "e_user": [r.user for _, r, _ in ev],
+        "e_skill": [it.skill for it, _, _ in ev],
+        "e_correct": [it.correct for it, _, _ in ev],
+        "e_time": [it.time for it, _, _ in ev],
+        "e_source": [r.source for _, r, _ in ev],
+        "e_k": [k for _, _, k in ev],
+    }
+
+
+def _pg_row_params(rows: list[MasteryRow], version: str, now: datetime) -> dict[str, Any]:
+    return {
+        "u": [r.user_id for r in rows],
+        "s": [r.skill for r in rows],
+        "p": [r.p_mastery for r in rows],
+        "a": [r.attempts for r in rows],
+        "c": [r.correct_attempts for r in rows],
+        "st": [r.status for r in rows],
+        "v": version,
+        "now": now,
+    }
+
+
+def _pg_exec(conn: sa.Connection, sql: str, params: dict[str, Any]) -> list[tuple]:
+    """Run one of the fixed PostgreSQL statements on the transaction's own
+    psycopg connection (prepared after a few uses; SQLAlchemy's result
+    machinery is not needed for them). Integrity errors surface as SQLAlchemy's."""
+    import psycopg
+
+    raw = conn.connection.driver_connection
+    try:
+        with raw.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else []
+    except psycopg.errors.IntegrityError as e:
+        raise sa.exc.IntegrityError(sql, params, e) from e
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    if t is not None and t.tzinfo is None:  # SQLite drops the zone
+        return t.replace(tzinfo=UTC)
+    return t
 
 
 def _dialect_insert(dialect: str):
