@@ -35,7 +35,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bktbayes.params import ParamTable  # noqa: E402
-from bktbayes.simulate import simulate  # noqa: E402
 
 
 def _pg_url() -> str:
@@ -172,8 +171,10 @@ def bench_http(
     port = _free_port()
     env = dict(os.environ, BKTBAYES_API_KEY="bench-key-0123456789abcdef")
     server = subprocess.Popen(
-        [sys.executable, "-m", "bktbayes.cli", "serve", "--db", url, "--port", str(port)]
-        + ["--log-level", "warning", "--workers", str(workers)],
+        [
+            *(sys.executable, "-m", "bktbayes.cli", "serve", "--db", url, "--port", str(port)),
+            *("--log-level", "warning", "--workers", str(workers)),
+        ],
         env=env,
     )
     try:

@@ -21,7 +21,9 @@ Bayesian Knowledge Tracing.
 Commands:
   simulate   draw synthetic responses from BKT parameters
   score      replay an event history through the tracer with a parameter file:
-             per-event predictions and the final mastery per (user, skill)
+             per-event predictions and the final mastery per (user, skill);
+             --dask replays a user-partitioned Parquet directory on a cluster
+  partition  split an events file into user-partitioned Parquet files
   params     write or check a parameter JSON file
   serve      the HTTP mastery service over a database (FastAPI on uvicorn)
   recalculate  rebuild a database's mastery rows from its event log
@@ -78,6 +80,8 @@ def _summary(mastery, unknown: list, label: str) -> str:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    if args.dask:
+        return _score_dask(args)
     from .data import load_events, save_events
     from .tracing import replay
 
@@ -104,6 +108,38 @@ def _cmd_score(args: argparse.Namespace) -> int:
     bar.close()
     print(_summary(res.mastery, res.unknown_skills, f"scored {args.events}"))
     print(f"  replay: {len(events):,} events in {dt:.3f} s; wrote {out} and {mastery_out}")
+    return 0
+
+
+def _score_dask(args: argparse.Namespace) -> int:
+    from .recalc import replay_partitioned
+
+    src = Path(args.events)
+    if not src.is_dir():
+        raise BKTInputError(
+            f"--dask: {src} is not a directory of user-partitioned Parquet files "
+            "(make one with 'bktbayes partition EVENTS DIR')"
+        )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise BKTInputError(f"--out {out} exists and is not empty")
+    t0 = time.perf_counter()
+    replay_partitioned(src, _load_params(args.params), out, client=args.dask)
+    n = len(list(out.glob("*.parquet")))
+    print(
+        f"replayed {src} on Dask ({args.dask}) in {time.perf_counter() - t0:.1f} s: "
+        f"{n} mastery files in {out}"
+    )
+    return 0
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from .data import load_events
+    from .recalc import write_partitioned
+
+    events = load_events(args.events, format=args.format)
+    files = write_partitioned(events, args.out, args.partitions)
+    print(f"wrote {len(events):,} events as {len(files)} user-partitioned files in {args.out}")
     return 0
 
 
@@ -387,7 +423,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("events", help="events file (.csv or .parquet; layout recognised)")
     s.add_argument("--params", help="parameter JSON (default: the seed card's defaults)")
-    s.add_argument("--out", required=True, help="per-event output (.csv, .csv.gz, .parquet)")
+    s.add_argument(
+        "--out",
+        required=True,
+        help="per-event output (.csv, .csv.gz, .parquet; a directory with --dask)",
+    )
     s.add_argument("--mastery-out", help="mastery table output (default: OUT.mastery.EXT)")
     s.add_argument("--format", default="auto", help="input layout (default: auto)")
     s.add_argument(
@@ -400,7 +440,23 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the first of duplicated (user, skill, order) rows",
     )
+    s.add_argument(
+        "--dask",
+        metavar="local|ADDRESS",
+        help="replay a user-partitioned Parquet directory on Dask (a LocalCluster or a "
+        "scheduler address); OUT is then a directory of mastery files",
+    )
     s.set_defaults(func=_cmd_score)
+
+    pa_ = sub.add_parser(
+        "partition",
+        help="split an events file into user-partitioned Parquet files (for --dask)",
+    )
+    pa_.add_argument("events", help="events file (.csv or .parquet; layout recognised)")
+    pa_.add_argument("out", help="directory to create")
+    pa_.add_argument("--partitions", type=int, default=16, help="number of files (default 16)")
+    pa_.add_argument("--format", default="auto", help="input layout (default: auto)")
+    pa_.set_defaults(func=_cmd_partition)
 
     m = sub.add_parser(
         "simulate",

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -75,3 +76,20 @@ def test_params_default_and_check(tmp_path, capsys):
     assert t["fractions"] == BKTParams() and t.default == BKTParams()
     assert main(["params", "check", str(p)]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_partition_and_score_on_dask(tmp_path):
+    from bktbayes.cli import BUNDLED_DATA
+
+    assert main(["partition", str(BUNDLED_DATA), str(tmp_path / "parts"), "--partitions", "4"]) == 0
+    assert (
+        main(["score", str(tmp_path / "parts"), "--out", str(tmp_path / "m"), "--dask", "local"])
+        == 0
+    )
+    got = pd.read_parquet(tmp_path / "m")
+    ref = replay(load_events(BUNDLED_DATA), ParamTable.seed_defaults()).mastery
+    assert len(got) == len(ref["p_mastery"])
+    assert np.isclose(np.sort(got["p_mastery"].to_numpy()), np.sort(ref["p_mastery"])).all()
+    # A file instead of a partitioned directory is a clear error.
+    assert main(["score", str(BUNDLED_DATA), "--out", str(tmp_path / "x"), "--dask", "local"]) == 2

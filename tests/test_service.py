@@ -252,3 +252,50 @@ def test_fuzz_openapi(server, mode):
         case.call_and_validate(headers={"X-API-Key": KEY})
 
     run()
+
+
+@pytest.mark.slow
+def test_bktbayes_serve_command(tmp_path):
+    """`bktbayes serve` as a process: SQLite default file, key from the environment."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = tmp_path / "params.json"
+    ParamTable({"fractions": BKTParams(0.4, 0.1, 0.2, 0.1)}).to_json(params)
+    env = dict(os.environ, BKTBAYES_API_KEY=KEY)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "bktbayes.cli", "serve", "--params", str(params)),
+            *("--port", str(port), "--log-level", "warning"),
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                health = httpx.get(f"{url}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert health["database"] == "sqlite" and health["n_skills"] == 1
+        body = {"user_id": "ann", "skill": "fractions", "responses": [{"correct": True}]}
+        assert httpx.post(f"{url}/v1/flashcard-sessions", json=body).status_code == 401
+        r = httpx.post(f"{url}/v1/flashcard-sessions", json=body, headers={"X-API-Key": KEY})
+        assert r.status_code == 200
+        want = min(0.99, max(0.01, _seed_update(0.4)))
+        assert r.json()["mastery"][0]["p_mastery"] == pytest.approx(want, abs=1e-12)
+        assert (tmp_path / "mastery.db").exists()  # the documented default
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _seed_update(p: float) -> float:
+    tracer = seed.BayesianKnowledgeTracer(seed.BKTParams(0.4, 0.1, 0.2, 0.1))
+    return tracer.update(p, True)
