@@ -314,8 +314,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"   answer {'correct' if c else 'wrong  '} -> P(mastery) {p:.3f} "
             f"({mastery_status(p)}), P(next correct) {tr.predict_next(p):.3f}"
         )
+    _demo_serve(table, outdir)
     print(f"wrote {outdir}/")
     return 0
+
+
+def _demo_serve(table: ParamTable, outdir: Path) -> None:
+    """End to end: serve the exported table over HTTP on loopback (SQLite in
+    OUT), record a flashcard session and a multi-skill exam answer, read back."""
+    import secrets
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from .service import create_app
+    from .store import MasteryStore
+
+    db = outdir / "mastery.db"
+    db.unlink(missing_ok=True)
+    store = MasteryStore(f"sqlite:///{db}", table)
+    key = secrets.token_hex(16)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(store, api_key=key), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    print(f"== 5. serve the parameters over HTTP ({url}, SQLite {db})")
+    skills = sorted(table)[:2] or ["fractions", "ratios"]
+    try:
+        with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=30) as c:
+            session = {
+                "user_id": "demo-student",
+                "skill": skills[0],
+                "responses": [
+                    {"event_id": f"card-{i}", "correct": bool(x)}
+                    for i, x in enumerate((1, 0, 1, 1, 1))
+                ],
+            }
+            r = c.post("/v1/flashcard-sessions", json=session).json()
+            row = r["mastery"][0]
+            print(
+                f"   flashcard session on {skills[0]!r}: {r['recorded']} responses -> "
+                f"P(mastery) {row['p_mastery']:.3f} ({row['status']})"
+            )
+            again = c.post("/v1/flashcard-sessions", json=session).json()
+            print(f"   the same session retried: {again['recorded']} recorded (idempotent)")
+            exam = {
+                "user_id": "demo-student",
+                "answers": [{"event_id": "exam-1", "correct": True, "skills": skills}],
+            }
+            c.post("/v1/exam-answers", json=exam).raise_for_status()
+            rows = c.get("/v1/users/demo-student/mastery").json()["mastery"]
+            for m in rows:
+                print(
+                    f"   {m['skill']:<45} P(mastery) {m['p_mastery']:.3f} {m['status']:<12} "
+                    f"attempts {m['attempts']}"
+                )
+            pred = c.get(f"/v1/users/demo-student/skills/{skills[0]}/prediction").json()
+            print(f"   P(next answer correct) on {skills[0]!r}: {pred['p_correct']:.3f}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        store.close()
 
 
 def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float) -> None:
