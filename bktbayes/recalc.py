@@ -52,7 +52,7 @@ def _codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
         enc = enc.unify_dictionaries().combine_chunks() if enc.num_chunks else enc
         if isinstance(enc, pa.ChunkedArray):
             enc = enc.combine_chunks()
-    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    codes = enc.indices.to_numpy(zero_copy_only=False)  # int32; pack_codes widens once
     uniques = np.asarray(enc.dictionary.to_pylist(), dtype=object)
     return codes, uniques
 
@@ -100,6 +100,9 @@ def _read_adbc(store: MasteryStore, users: Sequence[str] | None) -> dict[str, An
     if users is not None:
         sql += " WHERE user_id = ANY($1)"
         args = (list(users),)
+    # (Reading two halves of the seq range over two connections was tried:
+    # no faster on this 2-core machine, where PostgreSQL's one backend per
+    # query is already the bottleneck.)
     with adbc.connect(url) as conn, conn.cursor() as cur:
         cur.execute(sql, args if args else None)
         table = cur.fetch_arrow_table()
@@ -128,7 +131,9 @@ def replay_columns(
         n_skill=max(len(s_vals), 1),
         threads=threads,
     )
-    return replay_packed(packed, params, s_vals, u_vals, batch=cols["batch_id"], threads=threads)
+    return replay_packed(
+        packed, params, s_vals, u_vals, batch=cols["batch_id"], threads=threads, per_event=False
+    )
 
 
 def _mastery_rows(res: ReplayResult, version: str, now: datetime) -> dict[str, Any]:

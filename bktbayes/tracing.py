@@ -697,10 +697,14 @@ def replay_packed(
     needs_focus: float = NEEDS_FOCUS_THRESHOLD,
     threads: int | None = None,
     interval: float | None = None,
+    per_event: bool = True,
 ) -> ReplayResult:
     """:func:`replay` on events already packed (see :func:`bktbayes.packing.pack_codes`).
 
     ``packed`` must carry the responses (``pack_codes(..., correct)``).
+    ``per_event=False`` skips scattering per-event outputs back to input order
+    (a recalculation needs only the mastery table); ``p_correct`` and
+    ``p_mastery`` are then empty.
     ``skill_values[code]`` and ``user_values[code]`` give the ids behind the
     integer codes; ``batch`` holds integer batch codes in input row order.
     """
@@ -778,7 +782,7 @@ def replay_packed(
     }
     unknown = [skill_values[i] for i in used_skills[~known_used]]
     unknown = [u.item() if isinstance(u, np.generic) else u for u in unknown]
-    both = packed.from_lockstep_pair(pred, mast, threads)
+    both = packed.from_lockstep_pair(pred, mast, threads) if per_event else np.empty((0, 2))
     return ReplayResult(
         p_correct=both[:, 0],
         p_mastery=both[:, 1],
