@@ -370,7 +370,7 @@ def bench_dask(n_events: int, workers: int) -> None:
         src = Path(tmp) / "events"
         from bktbayes.recalc import write_partitioned
 
-        write_partitioned(df, src, n_partitions=16)
+        write_partitioned(df, src, n_partitions=16, batch="batch")
         t = time.perf_counter()
         single = replay(df, params, batch="batch")
         t_single = time.perf_counter() - t
@@ -380,9 +380,11 @@ def bench_dask(n_events: int, workers: int) -> None:
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True) as cluster,
             Client(cluster) as client,
         ):
-            replay_partitioned(src, params, Path(tmp) / "warm", client=client)  # compile
+            replay_partitioned(src, params, Path(tmp) / "warm", client=client, batch="batch")
             t = time.perf_counter()
-            out = replay_partitioned(src, params, Path(tmp) / "mastery", client=client)
+            out = replay_partitioned(
+                src, params, Path(tmp) / "mastery", client=client, batch="batch"
+            )
             t_dask = time.perf_counter() - t
         got = pd.read_parquet(out).sort_values(["user_id", "skill"]).reset_index(drop=True)
     ref = single.mastery_frame().sort_values(["user_id", "skill"]).reset_index(drop=True)

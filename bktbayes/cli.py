@@ -25,6 +25,9 @@ Commands:
              --dask replays a user-partitioned Parquet directory on a cluster
   partition  split an events file into user-partitioned Parquet files
   params     write or check a parameter JSON file
+  fit        fit a model with NUTS: posterior, parameters JSON, diagnostics, plots
+  evaluate   cross-validated AUC / RMSE / log loss, folds by student
+  compare    PSIS-LOO comparison of fitted models
   serve      the HTTP mastery service over a database (FastAPI on uvicorn)
   recalculate  rebuild a database's mastery rows from its event log
   demo       the quick-start job on the bundled ASSISTments 2009 data
@@ -140,6 +143,134 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     events = load_events(args.events, format=args.format)
     files = write_partitioned(events, args.out, args.partitions)
     print(f"wrote {len(events):,} events as {len(files)} user-partitioned files in {args.out}")
+    return 0
+
+
+_MODEL_HELP = (
+    "model: 'hierarchical' (default) or 'none' (no pooling), optionally with "
+    "'+forgetting' and '+students' (student effects on p_init) or '+students2' (on "
+    "p_init and p_transit), e.g. hierarchical+forgetting"
+)
+
+
+def _model_from_spec(spec: str):
+    from .models import BKTModel
+
+    kw: dict = {}
+    parts = [p.strip() for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise BKTInputError(f"--model {spec!r}: empty")
+    for p in parts:
+        if p in ("hierarchical", "none"):
+            kw["pooling"] = p
+        elif p == "forgetting":
+            kw["forgetting"] = True
+        elif p == "students":
+            kw["student_effects"] = "init"
+        elif p == "students2":
+            kw["student_effects"] = "init+transit"
+        else:
+            raise BKTInputError(f"--model {spec!r}: unknown part {p!r} ({_MODEL_HELP})")
+    return lambda: BKTModel(**kw)
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from .data import load_events
+    from .export import ExportError
+    from .models import ConvergenceWarning
+    from .plots import plot_forest
+
+    make = _model_from_spec(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    events = load_events(args.events, format=args.format)
+    model = make()
+    print(f"fitting {model!r} on {len(events):,} responses", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(
+            events,
+            draws=args.draws,
+            tune=args.tune,
+            chains=args.chains,
+            random_seed=args.seed,
+            progressbar=sys.stderr.isatty(),
+        )
+    d = model.diagnostics
+    model.save(out / "fit")
+    try:
+        table = model.export_params(n_draws=args.export_draws)
+        forced = False
+    except ExportError as e:
+        if not args.force:
+            print(f"bktbayes fit: diagnostics fail, parameters not exported: {e}", file=sys.stderr)
+        table = model.export_params(n_draws=args.export_draws, force=True) if args.force else None
+        forced = args.force
+    if table is not None:
+        table.to_json(out / "params.json")
+    (out / "diagnostics.json").write_text(json.dumps(_jsonable(d), indent=2) + "\n")
+    for name in ("p_init", "p_transit", "p_guess", "p_slip"):
+        plot_forest(model.idata, name).savefig(out / f"forest_{name}.png", dpi=110)
+    print(
+        f"max R-hat {d['max_rhat']:.3f}, min bulk ESS {d['min_ess_bulk']:.0f}, divergences "
+        f"{d['divergences']}; wrote {out}/fit, diagnostics.json, forest_*.png"
+        + (f", params.json{' (forced)' if forced else ''}" if table is not None else "")
+    )
+    return 0 if table is not None else 1
+
+
+def _jsonable(x):
+    from .params import jsonable
+
+    return jsonable(x)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_events
+    from .evaluate import cross_validate
+
+    events = load_events(args.events, format=args.format)
+    res = cross_validate(
+        events,
+        _model_from_spec(args.model),
+        k=args.folds,
+        method=args.method,
+        fit_kwargs={
+            "draws": args.draws,
+            "tune": args.tune,
+            "chains": args.chains,
+            "random_seed": args.seed,
+        },
+        n_draws=args.export_draws,
+        progress=lambda m: print(m, file=sys.stderr),
+    )
+    print(res.folds.to_string(index=False))
+    print(res.summary.T.to_string())
+    if args.out:
+        res.folds.to_csv(args.out, index=False)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .evaluate import compare_models
+    from .models import BKTModel
+
+    fits = {}
+    for d in args.dirs:
+        path = Path(d) / "fit" if (Path(d) / "fit").exists() else Path(d)
+        fits[Path(d).name] = BKTModel.load(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = compare_models(fits)
+    print(table.to_string())
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     return 0
 
 
@@ -569,6 +700,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skill", action="append", help="skill to list (repeatable)")
     add_param_args(p)
     p.set_defaults(func=_cmd_params)
+
+    def add_fit_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("events", help="events file (.csv or .parquet; layout recognised)")
+        p.add_argument("--model", default="hierarchical", help=_MODEL_HELP)
+        p.add_argument("--draws", type=int, default=1000, help="posterior draws per chain")
+        p.add_argument("--tune", type=int, default=1000, help="tuning steps per chain")
+        p.add_argument("--chains", type=int, default=4, help="chains")
+        p.add_argument("--seed", type=int, default=1, help="random seed")
+        p.add_argument("--format", default="auto", help="input layout (default: auto)")
+        p.add_argument(
+            "--export-draws", type=int, default=100, help="posterior draws to export (default 100)"
+        )
+
+    f = sub.add_parser("fit", help="fit a BKT model with NUTS and export its parameters")
+    add_fit_args(f)
+    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument(
+        "--force", action="store_true", help="export even if diagnostics fail (recorded)"
+    )
+    f.set_defaults(func=_cmd_fit)
+
+    e = sub.add_parser("evaluate", help="cross-validated one-step-ahead metrics, folds by student")
+    add_fit_args(e)
+    e.add_argument("--folds", type=int, default=5, help="folds without a 'fold' column")
+    e.add_argument(
+        "--method",
+        default="nuts",
+        choices=["nuts", "ml"],
+        help="posterior (nuts) or per-skill maximum likelihood (ml, fast)",
+    )
+    e.add_argument("--out", help="CSV of per-fold metrics")
+    e.set_defaults(func=_cmd_evaluate)
+
+    c = sub.add_parser("compare", help="PSIS-LOO comparison of fitted models (fit output dirs)")
+    c.add_argument("dirs", nargs="+", help="directories written by 'bktbayes fit'")
+    c.set_defaults(func=_cmd_compare)
 
     v = sub.add_parser(
         "serve",
