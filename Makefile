@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench bench-serving serve venv clean
+PHONY_NB := notebooks-full
+.PHONY: $(PHONY_NB) demo test test-fast lint format bench bench-serving serve venv clean
 
 $(STAMP): pyproject.toml
 	@set -e; \
@@ -42,6 +43,7 @@ endef
 test: $(STAMP)
 	$(VENV)/bin/ruff check bktbayes tests benchmarks
 	$(call with_pg,$(PY) -m pytest -q)
+	BKTBAYES_NB_SIZE=small $(PY) -m pytest -q -p no:cacheprovider --nbmake notebooks
 
 test-fast: $(STAMP)
 	$(call with_pg,$(PY) -m pytest -q -m "not slow")
@@ -61,5 +63,9 @@ bench: $(STAMP)
 bench-serving: $(STAMP)
 	$(call with_pg,$(PY) benchmarks/bench_serving.py)
 
+# The notebooks at full size (by hand; tens of minutes).
+notebooks-full: $(STAMP)
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=7200 notebooks
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_out notebooks/nb_out .pytest_cache .ruff_cache
