@@ -41,7 +41,7 @@ define with_pg
 endef
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check bktbayes tests benchmarks
+	$(VENV)/bin/ruff check bktbayes tests benchmarks notebooks
 	$(call with_pg,$(PY) -m pytest -q)
 	BKTBAYES_NB_SIZE=small $(PY) -m pytest -q -p no:cacheprovider --nbmake notebooks
 
@@ -49,12 +49,12 @@ test-fast: $(STAMP)
 	$(call with_pg,$(PY) -m pytest -q -m "not slow")
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check bktbayes tests benchmarks
-	$(VENV)/bin/ruff format --check bktbayes tests benchmarks
+	$(VENV)/bin/ruff check bktbayes tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check bktbayes tests benchmarks notebooks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format bktbayes tests benchmarks
-	$(VENV)/bin/ruff check --fix bktbayes tests benchmarks
+	$(VENV)/bin/ruff format bktbayes tests benchmarks notebooks
+	$(VENV)/bin/ruff check --fix bktbayes tests benchmarks notebooks
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_replay.py
