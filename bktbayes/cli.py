@@ -176,11 +176,9 @@ def _model_from_spec(spec: str):
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     import json
-    import warnings
 
     from .data import load_events
     from .export import ExportError
-    from .models import ConvergenceWarning
     from .plots import plot_forest
 
     make = _model_from_spec(args.model)
@@ -189,16 +187,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     events = load_events(args.events, format=args.format)
     model = make()
     print(f"fitting {model!r} on {len(events):,} responses", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(
-            events,
-            draws=args.draws,
-            tune=args.tune,
-            chains=args.chains,
-            random_seed=args.seed,
-            progressbar=sys.stderr.isatty(),
-        )
+    _fit_quietly(model, events, args)
     d = model.diagnostics
     model.save(out / "fit")
     try:
@@ -220,6 +209,25 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         + (f", params.json{' (forced)' if forced else ''}" if table is not None else "")
     )
     return 0 if table is not None else 1
+
+
+def _fit_quietly(model, events, args: argparse.Namespace) -> None:
+    """Fit with the command's sampler settings; the diagnostics are printed by
+    the caller, so the model's own convergence warning is not repeated."""
+    import warnings
+
+    from .models import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(
+            events,
+            draws=args.draws,
+            tune=args.tune,
+            chains=args.chains,
+            random_seed=args.seed,
+            progressbar=sys.stderr.isatty(),
+        )
 
 
 def _jsonable(x):
@@ -520,10 +528,9 @@ def _demo_serve(table: ParamTable, outdir: Path) -> None:
 
 
 def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float) -> None:
-    import warnings
 
     from .export import ExportError
-    from .models import BKTModel, ConvergenceWarning
+    from .models import BKTModel
     from .plots import plot_forest, plot_mastery_trajectory
     from .tracing import replay
 
@@ -532,16 +539,7 @@ def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float
         f"({args.tune} tuning + {args.draws} draws), nutpie"
     )
     model = BKTModel()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(
-            events,
-            draws=args.draws,
-            tune=args.tune,
-            chains=args.chains,
-            random_seed=args.seed,
-            progressbar=sys.stderr.isatty(),
-        )
+    _fit_quietly(model, events, args)
     fi, d = model.fit_info, model.diagnostics
     print(
         f"   fast estimate {fi['fast_estimate']['seconds']:.2f} s; compile "

@@ -787,12 +787,9 @@ class MasteryStore:
                 accepted.append((i, r, new))
         return accepted, list(touched.values())
 
-    # The statements of a write: a portable SQLAlchemy form, and on PostgreSQL
-    # one statement each over arrays (unnest), whose text never changes, so
-    # psycopg prepares it once and a group costs a handful of round trips.
+    # The statements of a write in their portable SQLAlchemy form (SQLite and
+    # any other database); PostgreSQL uses _apply_pg.
     def _logged(self, conn: sa.Connection, ids: list[str]) -> list[tuple[str, str, str, bool]]:
-        if self.dialect == "postgresql":
-            return _pg_exec(conn, _PG_LOGGED, {"ids": ids})
         out = []
         for lo in range(0, len(ids), 5000):
             out += conn.execute(
@@ -810,9 +807,6 @@ class MasteryStore:
     ) -> list[int]:
         """Append the accepted requests' batches and events (events in list
         order, so that arrival order follows the order of the updates)."""
-        if self.dialect == "postgresql":
-            rows = _pg_exec(conn, _PG_INSERT_LOG, _pg_log_params(accepted, now))
-            return [b for _, b in sorted(rows)]
         ids = [
             row[0]
             for row in conn.execute(
@@ -844,9 +838,6 @@ class MasteryStore:
     def _update_rows(
         self, conn: sa.Connection, rows: list[MasteryRow], version: str, now: datetime
     ) -> None:
-        if self.dialect == "postgresql":
-            _pg_exec(conn, _PG_UPDATE_ROWS, _pg_row_params(rows, version, now))
-            return
         conn.execute(
             _UPDATE_ROW,
             [
@@ -876,17 +867,6 @@ class MasteryStore:
         correct, param_version, updated_at) per pair. A row without attempts
         starts from the current parameters' ``p_init``, unclamped, as replay does."""
         out: dict[tuple[str, str], tuple[float, int, int, str, datetime]] = {}
-        if self.dialect == "postgresql":
-            rows = _pg_exec(
-                conn,
-                _PG_LOCK_ROWS,
-                {"u": [u for u, _ in pairs], "s": [s for _, s in pairs], "now": now},
-            )
-            for u, s, p, att, cor, v, t in rows:
-                if att == 0:
-                    p = params.params_for(s, u).p_init
-                out[(u, s)] = (float(p), int(att), int(cor), v, t)
-            return out
         insert = _dialect_insert(self.dialect)
         for lo in range(0, len(pairs), 1000):
             chunk = pairs[lo : lo + 1000]
@@ -1152,21 +1132,6 @@ def _pg_row_params(rows: list[MasteryRow], version: str, now: datetime) -> dict[
         "v": version,
         "now": now,
     }
-
-
-def _pg_exec(conn: sa.Connection, sql: str, params: dict[str, Any]) -> list[tuple]:
-    """Run one of the fixed PostgreSQL statements on the transaction's own
-    psycopg connection (prepared after a few uses; SQLAlchemy's result
-    machinery is not needed for them). Integrity errors surface as SQLAlchemy's."""
-    import psycopg
-
-    raw = conn.connection.driver_connection
-    try:
-        with raw.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description is not None else []
-    except psycopg.errors.IntegrityError as e:
-        raise sa.exc.IntegrityError(sql, params, e) from e
 
 
 def _aware(t: datetime | None) -> datetime | None:
