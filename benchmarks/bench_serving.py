@@ -404,7 +404,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=15.0, help="http: seconds")
     ap.add_argument("--procs", type=int, default=4, help="http: client processes")
     ap.add_argument("--conns", type=int, default=8, help="http: connections per process")
-    ap.add_argument("--server-workers", type=int, default=2, help="http: server processes")
+    ap.add_argument("--server-workers", type=int, default=1, help="http: server processes")
     ap.add_argument("--rate", type=float, default=1000.0, help="http: fixed-rate run, req/s")
     ap.add_argument("--events", type=int, default=10_000_000, help="recalc/dask: log size")
     ap.add_argument("--no-portable", action="store_true", help="recalc: skip the portable path")
