@@ -375,18 +375,7 @@ class MasteryStore:
     def set_params(self, params: ParamTable | BKTParams | str | Path | None) -> None:
         """Serve ``params`` from now on (stored rows keep their old version
         until :meth:`recalculate` rewrites them)."""
-        if params is None:
-            table = ParamTable.seed_defaults()
-        elif isinstance(params, ParamTable):
-            table = params
-        elif isinstance(params, BKTParams):
-            table = ParamTable(
-                default=params, model="constant", created="2026-01-01T00:00:00+00:00"
-            )
-        elif isinstance(params, (str, Path)):
-            table = ParamTable.from_json(params)
-        else:
-            raise TypeError(f"params: expected ParamTable, BKTParams or a path, got {params!r}")
+        table = _as_table(params)
         with self._lock:
             self.params = table
             self.param_version = table.version
@@ -1063,10 +1052,8 @@ class MasteryStore:
         from . import recalc
 
         if params is not None:
-            new = MasteryStore.__new__(MasteryStore)
-            new._lock = threading.Lock()
-            new.set_params(params)
-            table, version = new.params, new.param_version
+            table = _as_table(params)
+            version = table.version
         else:
             with self._lock:
                 table, version = self.params, self.param_version
@@ -1076,6 +1063,21 @@ class MasteryStore:
         if params is not None:
             self.set_params(table)
         return result
+
+
+def _as_table(params: ParamTable | BKTParams | str | Path | None) -> ParamTable:
+    """A parameter table from a table, one set of parameters for every skill,
+    the path of a JSON file, or None (the seed card's defaults)."""
+    if params is None:
+        return ParamTable.seed_defaults()
+    if isinstance(params, ParamTable):
+        return params
+    if isinstance(params, BKTParams):
+        # A fixed creation time keeps the version stable across processes.
+        return ParamTable(default=params, model="constant", created="2026-01-01T00:00:00+00:00")
+    if isinstance(params, (str, Path)):
+        return ParamTable.from_json(params)
+    raise TypeError(f"params: expected ParamTable, BKTParams or a path, got {params!r}")
 
 
 def _check_source(source: Any) -> str:
