@@ -34,8 +34,11 @@ import numpy as np
 
 __all__ = [
     "LIKELIHOOD_BLOCK_SIZE",
+    "draws_logp_items",
     "forward_logp",
+    "forward_logp_events",
     "forward_logp_grad",
+    "item_logp_grad",
 ]
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -658,3 +661,305 @@ def skill_total_logp_grad(
         for k in range(5):
             out_grad[k, s] += grad[k, q]
     return total
+
+
+# ---------------------------------------------------------------------------
+# Item-level guess and slip (KT-IDEM).
+#
+# With one guess and slip per item the parameters are per event, so
+# forward-mode sensitivities (one per parameter) no longer fit; the gradient
+# comes from one forward pass that stores the predicted state of every event
+# and one backward pass of the adjoints u_t(i) = d logL / d pi_t(i) of the
+# predicted state pi_t = (p_t, q_t):
+#
+#   beta_t(i) = sum_j A(i, j) u_{t+1}(j)      (beta_T = 1; A the transition)
+#   u_t(i)    = e_t(i) beta_t(i) / lik_t       (e_t: the emission, a or b)
+#   d logL / d a_t = p_t beta_t(M) / lik_t,   d logL / d b_t = q_t beta_t(U) / lik_t
+#   d logL / d T  += post_q,t (u_{t+1}(M) - u_{t+1}(U))
+#   d logL / d F  += post_p,t (u_{t+1}(U) - u_{t+1}(M))
+#   d logL / d p_init = u_1(M) - u_1(U)
+#
+# Every quantity is a sum of non-negative terms except the final differences,
+# which are the gradient itself. Starting the backward pass from u = (1, 1)
+# gives beta = (1, 1) and zero transition terms at a sequence's last event, so
+# sequences of different lengths need no special case in the vectorised loop.
+
+
+@nb.njit(**_JIT_FMA)
+def forward_logp_events(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    p_init,
+    p_transit,
+    ev_guess,
+    ev_slip,
+    p_forget,
+    out_logp,
+):
+    """Per-sequence log-likelihood with guess and slip given per event.
+
+    Parameters
+    ----------
+    correct, block_seq, block_ev, step_ptr, step_count
+        The lockstep layout.
+    p_init, p_transit : float64 arrays, shape (n_seqs,)
+    ev_guess, ev_slip : float64 arrays, shape (n_events,)
+        Guess and slip of each response's item (lockstep order).
+    p_forget : float64 array, shape (n_seqs,), or None
+    out_logp : float64 array, shape (n_seqs,)
+        Written: log p(responses of the sequence), in nats.
+    """
+    if _block_size(block_seq) > _BS:
+        raise ValueError(
+            "forward_logp_events needs lockstep blocks of at most LIKELIHOOD_BLOCK_SIZE sequences"
+        )
+    W = np.zeros(6 * _BS)
+    for b in range(block_seq.shape[0] - 1):
+        q0 = block_seq[b]
+        m = block_seq[b + 1] - q0
+        for j in range(m):
+            W[0 * _BS + j] = p_init[q0 + j]
+            W[1 * _BS + j] = 1.0 - p_init[q0 + j]
+            W[2 * _BS + j] = 1.0
+            W[3 * _BS + j] = 0.0
+            W[4 * _BS + j] = p_transit[q0 + j]
+            W[5 * _BS + j] = 0.0 if p_forget is None else p_forget[q0 + j]
+        pos = block_ev[b]
+        for ti in range(step_ptr[b], step_ptr[b + 1]):
+            n = step_count[ti]
+            cc = correct[pos : pos + n]
+            gg = ev_guess[pos : pos + n]
+            ss = ev_slip[pos : pos + n]
+            for j in range(n):
+                p = W[0 * _BS + j]
+                q = W[1 * _BS + j]
+                c = cc[j] != 0
+                a = (1.0 - ss[j]) if c else ss[j]
+                bb = gg[j] if c else (1.0 - gg[j])
+                pa = p * a
+                qb = q * bb
+                lik = pa + qb
+                inv = 1.0 / lik
+                W[2 * _BS + j] *= lik
+                pp = pa * inv
+                pq = qb * inv
+                t = W[4 * _BS + j]
+                f = W[5 * _BS + j]
+                W[0 * _BS + j] = pp * (1.0 - f) + pq * t
+                W[1 * _BS + j] = pp * f + pq * (1.0 - t)
+            if (ti - step_ptr[b]) % _LOG_EVERY == _LOG_EVERY - 1:
+                for j in range(n):
+                    W[3 * _BS + j] += np.log(W[2 * _BS + j])
+                    W[2 * _BS + j] = 1.0
+            pos += n
+        for j in range(m):
+            out_logp[q0 + j] = W[3 * _BS + j] + np.log(W[2 * _BS + j])
+
+
+@nb.njit(**_JIT_FMA)
+def item_logp_grad(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    ev_item,
+    p_init,
+    p_transit,
+    item_guess,
+    item_slip,
+    p_forget,
+    out_logp,
+    out_gseq,
+    out_gitem,
+):
+    """Log-likelihood and gradient with item-level guess and slip (KT-IDEM).
+
+    Parameters
+    ----------
+    correct, block_seq, block_ev, step_ptr, step_count
+        The lockstep layout.
+    ev_item : int64 array, shape (n_events,)
+        Item index of each response (lockstep order).
+    p_init, p_transit : float64 arrays, shape (n_seqs,)
+    item_guess, item_slip : float64 arrays, shape (n_items,)
+    p_forget : float64 array, shape (n_seqs,), or None
+    out_logp : float64 array, shape (n_seqs,)
+        Written: per-sequence log-likelihood (nats).
+    out_gseq : float64 array, shape (3, n_seqs)
+        Written: d logp_seq / d (p_init, p_transit, p_forget) of each sequence
+        (row 2 left untouched when ``p_forget`` is None).
+    out_gitem : float64 array, shape (2, n_items)
+        Written: d (total log-likelihood) / d (p_guess, p_slip) of each item.
+
+    Notes
+    -----
+    Forward pass storing each event's predicted state, then a backward pass of
+    adjoints (see the comment above this function), block by block. Scratch:
+    ``2 * 128`` float64 per time step of the longest block.
+    """
+    if _block_size(block_seq) > _BS:
+        raise ValueError(
+            "item_logp_grad needs lockstep blocks of at most LIKELIHOOD_BLOCK_SIZE sequences"
+        )
+    # The hot loops touch only ``W``, one flat array of rows of constant
+    # length (see forward_logp_grad): with a second written array, or rows at
+    # a runtime offset, LLVM does not vectorise them. The predicted state of
+    # every time step of a block goes to ``H`` in a separate copy loop, and
+    # items' guess and slip are gathered into ``W`` rows before each step.
+    max_steps = 0
+    for b in range(block_seq.shape[0] - 1):
+        max_steps = max(max_steps, step_ptr[b + 1] - step_ptr[b])
+    H = np.empty(2 * max_steps * _BS)
+    # W rows: 0 p, 1 q, 2 running product, 3 log-likelihood, 4 transit,
+    # 5 forget, 6 u(M), 7 u(U), 8 d/d transit, 9 d/d forget, 10 guess,
+    # 11 slip, 12 d/d guess, 13 d/d slip
+    W = np.zeros(14 * _BS)
+    out_gitem[:] = 0.0
+    for b in range(block_seq.shape[0] - 1):
+        q0 = block_seq[b]
+        m = block_seq[b + 1] - q0
+        for j in range(m):
+            W[0 * _BS + j] = p_init[q0 + j]
+            W[1 * _BS + j] = 1.0 - p_init[q0 + j]
+            W[2 * _BS + j] = 1.0
+            W[3 * _BS + j] = 0.0
+            W[4 * _BS + j] = p_transit[q0 + j]
+            W[5 * _BS + j] = 0.0 if p_forget is None else p_forget[q0 + j]
+            W[6 * _BS + j] = 1.0
+            W[7 * _BS + j] = 1.0
+            W[8 * _BS + j] = 0.0
+            W[9 * _BS + j] = 0.0
+        pos = block_ev[b]
+        for ti in range(step_ptr[b], step_ptr[b + 1]):
+            n = step_count[ti]
+            h = 2 * (ti - step_ptr[b]) * _BS
+            it = ev_item[pos : pos + n]
+            for j in range(n):
+                W[10 * _BS + j] = item_guess[it[j]]
+                W[11 * _BS + j] = item_slip[it[j]]
+            hp = H[h : h + n]
+            hq = H[h + _BS : h + _BS + n]
+            for j in range(n):
+                hp[j] = W[0 * _BS + j]
+            for j in range(n):
+                hq[j] = W[1 * _BS + j]
+            cc = correct[pos : pos + n]
+            for j in range(n):
+                p = W[0 * _BS + j]
+                q = W[1 * _BS + j]
+                c = cc[j] != 0
+                g = W[10 * _BS + j]
+                sl = W[11 * _BS + j]
+                a = (1.0 - sl) if c else sl
+                bb = g if c else (1.0 - g)
+                pa = p * a
+                qb = q * bb
+                lik = pa + qb
+                inv = 1.0 / lik
+                W[2 * _BS + j] *= lik
+                pp = pa * inv
+                pq = qb * inv
+                t = W[4 * _BS + j]
+                f = W[5 * _BS + j]
+                W[0 * _BS + j] = pp * (1.0 - f) + pq * t
+                W[1 * _BS + j] = pp * f + pq * (1.0 - t)
+            if (ti - step_ptr[b]) % _LOG_EVERY == _LOG_EVERY - 1:
+                for j in range(n):
+                    W[3 * _BS + j] += np.log(W[2 * _BS + j])
+                    W[2 * _BS + j] = 1.0
+            pos += n
+        for j in range(m):
+            out_logp[q0 + j] = W[3 * _BS + j] + np.log(W[2 * _BS + j])
+        # Backward pass over the same steps in reverse.
+        for ti in range(step_ptr[b + 1] - 1, step_ptr[b] - 1, -1):
+            n = step_count[ti]
+            pos -= n
+            h = 2 * (ti - step_ptr[b]) * _BS
+            it = ev_item[pos : pos + n]
+            for j in range(n):
+                W[10 * _BS + j] = item_guess[it[j]]
+                W[11 * _BS + j] = item_slip[it[j]]
+            hp = H[h : h + n]
+            hq = H[h + _BS : h + _BS + n]
+            for j in range(n):
+                W[0 * _BS + j] = hp[j]
+            for j in range(n):
+                W[1 * _BS + j] = hq[j]
+            cc = correct[pos : pos + n]
+            for j in range(n):
+                p = W[0 * _BS + j]
+                q = W[1 * _BS + j]
+                c = cc[j] != 0
+                sa = -1.0 if c else 1.0  # d a / d slip
+                sb = 1.0 if c else -1.0  # d b / d guess
+                g = W[10 * _BS + j]
+                sl = W[11 * _BS + j]
+                a = (1.0 - sl) if c else sl
+                bb = g if c else (1.0 - g)
+                inv = 1.0 / (p * a + q * bb)
+                t = W[4 * _BS + j]
+                f = W[5 * _BS + j]
+                um = W[6 * _BS + j]
+                uu = W[7 * _BS + j]
+                bm = (1.0 - f) * um + f * uu
+                bu = t * um + (1.0 - t) * uu
+                W[8 * _BS + j] += q * bb * inv * (um - uu)
+                W[9 * _BS + j] += p * a * inv * (uu - um)
+                W[12 * _BS + j] = sb * q * bu * inv
+                W[13 * _BS + j] = sa * p * bm * inv
+                W[6 * _BS + j] = a * bm * inv
+                W[7 * _BS + j] = bb * bu * inv
+            # Items repeat within a step, so the sum back to items is scalar.
+            for j in range(n):
+                out_gitem[0, it[j]] += W[12 * _BS + j]
+                out_gitem[1, it[j]] += W[13 * _BS + j]
+        for j in range(m):
+            out_gseq[0, q0 + j] = W[6 * _BS + j] - W[7 * _BS + j]
+            out_gseq[1, q0 + j] = W[8 * _BS + j]
+            if p_forget is not None:
+                out_gseq[2, q0 + j] = W[9 * _BS + j]
+
+
+@nb.njit(parallel=True, **_JIT)
+def draws_logp_items(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    ev_item,
+    p_init,
+    p_transit,
+    item_guess,
+    item_slip,
+    p_forget,
+    out,
+):
+    """:func:`draws_logp` with item-level guess and slip.
+
+    ``item_guess`` and ``item_slip`` have shape (n_draws, n_items);
+    ``ev_item`` maps each response (lockstep order) to its item.
+    """
+    n_ev = correct.shape[0]
+    for d in nb.prange(p_init.shape[0]):
+        row = np.empty(p_init.shape[1])
+        g = np.empty(n_ev)
+        s = np.empty(n_ev)
+        for e in range(n_ev):
+            g[e] = item_guess[d, ev_item[e]]
+            s[e] = item_slip[d, ev_item[e]]
+        if p_forget is None:
+            forward_logp_events(
+                correct, block_seq, block_ev, step_ptr, step_count,
+                p_init[d], p_transit[d], g, s, None, row,
+            )  # fmt: skip
+        else:
+            forward_logp_events(
+                correct, block_seq, block_ev, step_ptr, step_count,
+                p_init[d], p_transit[d], g, s, p_forget[d], row,
+            )  # fmt: skip
+        out[d] = row

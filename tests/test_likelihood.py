@@ -209,3 +209,202 @@ def test_draws_logp_matches_one_draw_at_a_time():
             one = np.empty(pk.n_seqs)
             forward_logp(*_layout(pk), *(x[d] for x in prm), None if f is None else f[d], one)
             np.testing.assert_array_equal(out[d], one)
+
+
+# --- item-level guess and slip (forward pass + backward adjoints) ----------
+
+
+def _lock_seq_of_event(pk):
+    """Lockstep sequence index of every event, in lockstep order."""
+    ev_seq = np.empty(pk.n_events, dtype=np.int64)
+    for k in range(pk.n_seqs):
+        ev_seq[pk.csr_row[pk.seq_start[k] : pk.seq_start[k] + pk.seq_len[k]]] = k
+    return pk.to_lockstep(ev_seq)
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_item_kernel_with_one_item_per_sequence_equals_forward_mode(forgetting):
+    # Two independent derivations: forward-mode sensitivities per sequence and
+    # the backward adjoint pass with each sequence as its own item.
+    from bktbayes.likelihood import item_logp_grad
+
+    rng = np.random.default_rng(11)
+    pk, _ = _random_packed(rng, 500, 60, block_size=LIKELIHOOD_BLOCK_SIZE)
+    prm = _params(rng, pk.n_seqs, forgetting)
+    out = np.empty(pk.n_seqs)
+    grad = np.zeros((5, pk.n_seqs))
+    forward_logp_grad(*_layout(pk), *prm, out, grad)
+    out2 = np.empty(pk.n_seqs)
+    gseq = np.zeros((3, pk.n_seqs))
+    gitem = np.zeros((2, pk.n_seqs))
+    item_logp_grad(
+        *_layout(pk), _lock_seq_of_event(pk), prm[0], prm[1], prm[2], prm[3], prm[4],
+        out2, gseq, gitem,
+    )  # fmt: skip
+    # Same maths in a different order of operations: agreement to ~1e-13
+    # relative on values of order 10-100 nats.
+    np.testing.assert_allclose(out2, out, rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(gseq[0], grad[0], rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(gseq[1], grad[1], rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(gitem[0], grad[2], rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(gitem[1], grad[3], rtol=1e-11, atol=1e-11)
+    if forgetting:
+        np.testing.assert_allclose(gseq[2], grad[4], rtol=1e-11, atol=1e-11)
+
+
+def _brute_force_events(y, p0, t, gs, ss, f):
+    total = 0.0
+    for path in itertools.product([0, 1], repeat=len(y)):
+        pr = p0 if path[0] else 1 - p0
+        for k, (m, obs) in enumerate(zip(path, y, strict=True)):
+            g, s = gs[k], ss[k]
+            pr *= ((1 - s) if obs else s) if m else (g if obs else 1 - g)
+            if k + 1 < len(y):
+                nxt = path[k + 1]
+                pr *= ((1 - f) if nxt else f) if m else (t if nxt else 1 - t)
+        total += pr
+    return np.log(total)
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_item_kernels_equal_brute_force_and_finite_differences(forgetting):
+    from bktbayes.likelihood import forward_logp_events, item_logp_grad
+
+    rng = np.random.default_rng(12)
+    pk, correct = _random_packed(rng, 40, 9)
+    n_items = 6
+    item_row = rng.integers(0, n_items, pk.n_events)  # input row order
+    ev_item = pk.to_lockstep(item_row)
+    prm = _params(rng, pk.n_seqs, forgetting)
+    ig = rng.uniform(0.05, 0.4, n_items)
+    isl = rng.uniform(0.02, 0.3, n_items)
+    out = np.empty(pk.n_seqs)
+    out_v = np.empty(pk.n_seqs)
+    gseq = np.zeros((3, pk.n_seqs))
+    gitem = np.zeros((2, n_items))
+    item_logp_grad(*_layout(pk), ev_item, prm[0], prm[1], ig, isl, prm[4], out, gseq, gitem)
+    forward_logp_events(*_layout(pk), prm[0], prm[1], ig[ev_item], isl[ev_item], prm[4], out_v)
+    for q in range(pk.n_seqs):
+        rows = pk.csr_row[pk.seq_start[q] : pk.seq_start[q] + pk.seq_len[q]]
+        f = 0.0 if prm[4] is None else prm[4][q]
+        ref = _brute_force_events(
+            correct[rows], prm[0][q], prm[1][q], ig[item_row[rows]], isl[item_row[rows]], f
+        )
+        assert out[q] == pytest.approx(ref, abs=1e-12)
+        assert out_v[q] == pytest.approx(ref, abs=1e-12)
+
+    def total(ig_, isl_, seq=None):
+        o = np.empty(pk.n_seqs)
+        p = [prm[0], prm[1], prm[4]] if seq is None else seq
+        forward_logp_events(*_layout(pk), p[0], p[1], ig_[ev_item], isl_[ev_item], p[2], o)
+        return o
+
+    h = 1e-6
+    # Central differences: truncation ~1e-10, rounding ~eps |f| / h ~ 1e-8.
+    for k in range(n_items):
+        e = np.zeros(n_items)
+        e[k] = h
+        fd_g = (total(ig + e, isl).sum() - total(ig - e, isl).sum()) / (2 * h)
+        fd_s = (total(ig, isl + e).sum() - total(ig, isl - e).sum()) / (2 * h)
+        assert gitem[0, k] == pytest.approx(fd_g, rel=1e-6, abs=1e-6)
+        assert gitem[1, k] == pytest.approx(fd_s, rel=1e-6, abs=1e-6)
+    for r, idx in ((0, 0), (1, 1), (2, 4)):
+        if prm[idx] is None:
+            continue
+        up = [prm[0].copy(), prm[1].copy(), None if prm[4] is None else prm[4].copy()]
+        dn = [prm[0].copy(), prm[1].copy(), None if prm[4] is None else prm[4].copy()]
+        up[r] += h
+        dn[r] -= h
+        fd = (total(ig, isl, up) - total(ig, isl, dn)) / (2 * h)
+        np.testing.assert_allclose(gseq[r], fd, rtol=1e-6, atol=1e-6)
+
+
+def _mp_forward_events(y, p0, t, gs, ss, f):
+    mpmath.mp.dps = 50
+    p, q = mpmath.mpf(p0), 1 - mpmath.mpf(p0)
+    t, f = mpmath.mpf(t), mpmath.mpf(f)
+    ll = mpmath.mpf(0)
+    for obs, g, s in zip(y, gs, ss, strict=True):
+        a = (1 - s) if obs else s
+        b = g if obs else (1 - g)
+        lik = p * a + q * b
+        ll += mpmath.log(lik)
+        pp, pq = p * a / lik, q * b / lik
+        p, q = pp * (1 - f) + pq * t, pp * f + pq * (1 - t)
+    return ll
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_item_kernel_long_sequence_with_errors_after_mastery(forgetting):
+    # As test_long_sequences_with_errors_after_mastery, with three items: the
+    # backward adjoints must stay finite and match 50-digit arithmetic.
+    from bktbayes.likelihood import item_logp_grad
+
+    rng = np.random.default_rng(13)
+    y = []
+    while len(y) < 1200:
+        y += [1] * int(rng.integers(50, 200)) + [0] * int(rng.integers(1, 12))
+    y = np.array(y[:1200], dtype=np.uint8)
+    items = rng.integers(0, 3, y.size)
+    zero = np.zeros(y.size, dtype=np.int64)
+    pk = pack_codes(zero, zero, np.arange(y.size), y)
+    ig = [0.25, 0.15, 0.35]
+    isl = [0.002, 0.01, 0.005]
+    theta = [0.4, 0.3, 0.01 if forgetting else 0.0]
+    out = np.empty(1)
+    gseq = np.zeros((3, 1))
+    gitem = np.zeros((2, 3))
+    item_logp_grad(
+        *_layout(pk), pk.to_lockstep(items), np.array([theta[0]]), np.array([theta[1]]),
+        np.array(ig), np.array(isl), np.array([theta[2]]) if forgetting else None,
+        out, gseq, gitem,
+    )  # fmt: skip
+
+    def mp(th, g_, s_):
+        return _mp_forward_events(
+            y, th[0], th[1], [g_[i] for i in items], [s_[i] for i in items], th[2]
+        )
+
+    assert np.isfinite(out[0])
+    assert out[0] == pytest.approx(float(mp(theta, ig, isl)), rel=1e-12)
+    h = mpmath.mpf("1e-20")
+    mg = [mpmath.mpf(v) for v in ig]
+    ms = [mpmath.mpf(v) for v in isl]
+    mt = [mpmath.mpf(v) for v in theta]
+    for k in range(3):
+        for which, row in ((mg, 0), (ms, 1)):
+            up, dn = list(which), list(which)
+            up[k] += h
+            dn[k] -= h
+            args_up = (up, ms) if row == 0 else (mg, up)
+            args_dn = (dn, ms) if row == 0 else (mg, dn)
+            d = (mp(mt, *args_up) - mp(mt, *args_dn)) / (2 * h)
+            assert gitem[row, k] == pytest.approx(float(d), rel=1e-8, abs=1e-8)
+    for r in range(3 if forgetting else 2):
+        up, dn = list(mt), list(mt)
+        up[r] += h
+        dn[r] -= h
+        d = (mp(up, mg, ms) - mp(dn, mg, ms)) / (2 * h)
+        assert gseq[r, 0] == pytest.approx(float(d), rel=1e-8, abs=1e-8)
+
+
+def test_draws_logp_items_matches_one_draw_at_a_time():
+    from bktbayes.likelihood import draws_logp_items, forward_logp_events
+
+    rng = np.random.default_rng(14)
+    pk, _ = _random_packed(rng, 300, 25, block_size=LIKELIHOOD_BLOCK_SIZE)
+    ev_item = rng.integers(0, 9, pk.n_events)
+    n_draws = 5
+    pi, ptr = (rng.uniform(0.05, 0.45, (n_draws, pk.n_seqs)) for _ in range(2))
+    ig, isl = (rng.uniform(0.05, 0.3, (n_draws, 9)) for _ in range(2))
+    forget = rng.uniform(0.0, 0.3, (n_draws, pk.n_seqs))
+    for f in (None, forget):
+        out = np.empty((n_draws, pk.n_seqs))
+        draws_logp_items(*_layout(pk), ev_item, pi, ptr, ig, isl, f, out)
+        for d in range(n_draws):
+            one = np.empty(pk.n_seqs)
+            fd = None if f is None else f[d]
+            forward_logp_events(
+                *_layout(pk), pi[d], ptr[d], ig[d][ev_item], isl[d][ev_item], fd, one
+            )
+            np.testing.assert_array_equal(out[d], one)
