@@ -23,12 +23,19 @@ from pytensor.graph.op import Op
 from pytensor.link.numba.dispatch import basic as numba_basic
 from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
 
-from .likelihood import LIKELIHOOD_BLOCK_SIZE, forward_logp_grad, skill_total_logp_grad
+from .likelihood import (
+    LIKELIHOOD_BLOCK_SIZE,
+    forward_logp_grad,
+    item_logp_grad,
+    skill_total_logp_grad,
+)
 from .packing import Packed
 
 __all__ = [
+    "BKTItemLogLik",
     "BKTLogLik",
     "BKTSkillLogLik",
+    "bkt_item_loglik",
     "bkt_loglik",
     "bkt_skill_loglik",
     "layout_inputs",
@@ -243,6 +250,115 @@ def bkt_skill_loglik(data: list, seq_skill, p_init, p_transit, p_guess, p_slip, 
     return op(*data, seq_skill, *params)[0]
 
 
+class BKTItemLogLik(_KernelOp):
+    """Total BKT log-likelihood with item-level guess and slip (KT-IDEM).
+
+    Inputs: the five lockstep data inputs, ``ev_item`` (int64, the item of
+    each response in lockstep order), then ``p_init`` and ``p_transit`` per
+    sequence, ``p_guess`` and ``p_slip`` per item (and ``p_forget`` per
+    sequence). Outputs: the total (0-d), its gradient with respect to the
+    per-sequence parameters (3, n_seqs: init, transit, forget) and to the
+    per-item parameters (2, n_items: guess, slip), from
+    :func:`bktbayes.likelihood.item_logp_grad` (forward pass and backward
+    adjoints).
+    """
+
+    n_data = _N_DATA + 1
+
+    def _outputs(self) -> list:
+        return [pt.dscalar("logp"), pt.dmatrix("grad_seq"), pt.dmatrix("grad_item")]
+
+    def connection_pattern(self, node):
+        n_par = len(node.inputs) - self.n_data
+        return [[False, False, False]] * self.n_data + [[True, True, True]] * n_par
+
+    def pullback(self, inputs, outputs, cotangents):
+        g_value, g_seq, g_item = cotangents
+        data = [disconnected_type() for _ in range(self.n_data)]
+        params = inputs[self.n_data :]
+        if not all(isinstance(g.type, DisconnectedType) for g in (g_seq, g_item)):
+            return data + [
+                grad_not_implemented(self, self.n_data + i, x) for i, x in enumerate(params)
+            ]
+        if isinstance(g_value.type, DisconnectedType):
+            return [disconnected_type() for _ in inputs]
+        gs, gi = outputs[1], outputs[2]
+        out = [g_value * gs[0], g_value * gs[1], g_value * gi[0], g_value * gi[1]]
+        if self.forgetting:
+            out.append(g_value * gs[2])
+        return data + out
+
+    def perform(self, node, inputs, output_storage):
+        *data, ev_item = (np.ascontiguousarray(x) for x in inputs[: self.n_data])
+        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
+        logp = np.empty(p[0].shape[0])
+        gseq = np.zeros((3, p[0].shape[0]))
+        gitem = np.zeros((2, p[2].shape[0]))
+        pf = p[4] if self.forgetting else None
+        item_logp_grad(*data, ev_item, p[0], p[1], p[2], p[3], pf, logp, gseq, gitem)
+        output_storage[0][0] = np.asarray(logp.sum())
+        output_storage[1][0] = gseq
+        output_storage[2][0] = gitem
+
+    def infer_shape(self, node, shapes):
+        return [(), (3, shapes[self.n_data][0]), (2, shapes[self.n_data + 2][0])]
+
+
+@numba_basic.numba_njit
+def _item_kernel_call(correct, bseq, bev, sptr, scount, ev_item, pi, pt_, pg, ps, pf):
+    c = np.ascontiguousarray
+    logp = np.empty(pi.shape[0])
+    gseq = np.zeros((3, pi.shape[0]))
+    gitem = np.zeros((2, pg.shape[0]))
+    item_logp_grad(
+        c(correct),
+        c(bseq),
+        c(bev),
+        c(sptr),
+        c(scount),
+        c(ev_item),
+        c(pi),
+        c(pt_),
+        c(pg),
+        c(ps),
+        None if pf is None else c(pf),
+        logp,
+        gseq,
+        gitem,
+    )
+    return np.asarray(logp.sum()), gseq, gitem
+
+
+@register_funcify_default_op_cache_key(BKTItemLogLik)
+def _numba_funcify_bkt_item_loglik(op, node=None, **kwargs):
+    if op.forgetting:
+
+        @numba_basic.numba_njit
+        def bkt_item_loglik_forget(correct, bseq, bev, sptr, scount, ei, pi, pt_, pg, ps, pf):
+            return _item_kernel_call(correct, bseq, bev, sptr, scount, ei, pi, pt_, pg, ps, pf)
+
+        return bkt_item_loglik_forget, _CACHE_VERSION
+
+    @numba_basic.numba_njit
+    def bkt_item_loglik(correct, bseq, bev, sptr, scount, ei, pi, pt_, pg, ps):
+        return _item_kernel_call(correct, bseq, bev, sptr, scount, ei, pi, pt_, pg, ps, None)
+
+    return bkt_item_loglik, _CACHE_VERSION
+
+
+def bkt_item_loglik(data: list, ev_item, p_init, p_transit, item_guess, item_slip, p_forget=None):
+    """Total log-likelihood (a PyTensor scalar) with item-level guess and slip.
+
+    ``p_init``, ``p_transit`` (and ``p_forget``) per sequence, ``item_guess``
+    and ``item_slip`` per item; ``ev_item`` the item of each response in
+    lockstep order.
+    """
+    op = BKTItemLogLik(forgetting=p_forget is not None)
+    params = [p_init, p_transit, item_guess, item_slip]
+    params += [p_forget] if p_forget is not None else []
+    return op(*data, ev_item, *params)[0]
+
+
 def layout_inputs(packed: Packed, *, shared: bool = True) -> list:
     """The five data inputs of :class:`BKTLogLik` for a packed data set.
 
@@ -290,7 +406,10 @@ def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forg
         Responses, time-major, padded.
     mask : float matrix, shape (max_len, n_seqs)
         1 for real responses, 0 for padding.
-    p_init, p_transit, p_guess, p_slip, p_forget : vectors, shape (n_seqs,)
+    p_init, p_transit, p_forget : vectors, shape (n_seqs,)
+    p_guess, p_slip : vectors, shape (n_seqs,), or matrices (max_len, n_seqs)
+        Per sequence, or per response (time-major, as ``correct_padded``) for
+        item-level guess and slip.
 
     Returns
     -------
@@ -298,9 +417,16 @@ def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forg
     """
     correct_padded = pt.as_tensor_variable(correct_padded)
     mask = pt.as_tensor_variable(mask)
+    p_guess = pt.as_tensor_variable(p_guess)
+    p_slip = pt.as_tensor_variable(p_slip)
     f = pt.zeros_like(p_init) if p_forget is None else p_forget
+    per_event = p_guess.ndim == 2
 
-    def step(y, m, p, q, ll, slip, guess, transit, forget):
+    def step(y, m, *args):
+        if per_event:
+            guess, slip, p, q, ll, transit, forget = args
+        else:
+            p, q, ll, slip, guess, transit, forget = args
         a = pt.switch(pt.eq(y, 1), 1.0 - slip, slip)
         b = pt.switch(pt.eq(y, 1), guess, 1.0 - guess)
         lik = p * a + q * b
@@ -315,11 +441,13 @@ def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forg
             ll + m * pt.log(lik),
         )
 
+    seqs = [correct_padded, mask] + ([p_guess, p_slip] if per_event else [])
+    consts = [p_transit, f] if per_event else [p_slip, p_guess, p_transit, f]
     outs = pytensor.scan(
         step,
-        sequences=[correct_padded, mask],
+        sequences=seqs,
         outputs_info=[p_init, 1.0 - p_init, pt.zeros_like(p_init)],
-        non_sequences=[p_slip, p_guess, p_transit, f],
+        non_sequences=consts,
         return_updates=False,
     )
     return outs[2][-1]

@@ -128,3 +128,60 @@ def test_skill_op_matches_per_sequence_op(packed, forgetting):
         rng=np.random.default_rng(5),
         mode="NUMBA",
     )
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_item_op_matches_scan_twin_and_never_calls_perform(packed, forgetting, monkeypatch):
+    # Item-level guess/slip: the Op (backward adjoints inside a numba kernel)
+    # against the scan twin with per-response guess and slip, value and
+    # gradient with respect to per-item and per-sequence logits.
+    from bktbayes.ops import BKTItemLogLik, bkt_item_loglik
+
+    pk, correct = packed
+    rng = np.random.default_rng(6)
+    n_items = 15
+    item_row = rng.integers(0, n_items, pk.n_events)
+    ev_item = pytensor.shared(pk.to_lockstep(item_row).astype(np.int64))
+
+    def boom(*args, **kwargs):
+        raise AssertionError("BKTItemLogLik.perform called in NUMBA mode")
+
+    xs = pt.dmatrix("xs")  # (3, n_seqs) init, transit, forget logits
+    xi = pt.dmatrix("xi")  # (2, n_items) guess, slip logits
+    ps = pt.sigmoid(xs)
+    pi_ = pt.sigmoid(xi)
+    f = (1 - ps[1]) * ps[2] if forgetting else None
+    total = bkt_item_loglik(layout_inputs(pk), ev_item, ps[0], ps[1], pi_[0] * 0.5, pi_[1] * 0.5, f)
+    with monkeypatch.context() as mp:
+        mp.setattr(BKTItemLogLik, "perform", boom)
+        fk = pytensor.function([xs, xi], [total, *pytensor.grad(total, [xs, xi])], mode="NUMBA")
+        xsv = rng.normal(-1, 0.6, (3, pk.n_seqs))
+        xiv = rng.normal(-0.5, 0.6, (2, n_items))
+        v1, gs1, gi1 = fk(xsv, xiv)
+    y, m = _padded(pk, correct)
+    # per-response item index, time-major like y
+    it = np.zeros(y.shape, dtype=np.int64)
+    for q in range(pk.n_seqs):
+        rows = pk.csr_row[pk.seq_start[q] : pk.seq_start[q] + pk.seq_len[q]]
+        it[: len(rows), q] = item_row[rows]
+    twin = scan_loglik(
+        pt.as_tensor(y), pt.as_tensor(m), ps[0], ps[1], pi_[0][it] * 0.5, pi_[1][it] * 0.5, f
+    ).sum()
+    ft = pytensor.function([xs, xi], [twin, *pytensor.grad(twin, [xs, xi])])
+    v2, gs2, gi2 = ft(xsv, xiv)
+    assert v1 == pytest.approx(v2, rel=1e-12)
+    np.testing.assert_allclose(gi1, gi2, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(gs1, gs2, rtol=1e-9, atol=1e-10)
+    verify_grad(
+        lambda a, b: bkt_item_loglik(
+            layout_inputs(pk),
+            ev_item,
+            pt.sigmoid(a[0]),
+            pt.sigmoid(a[1]),
+            pt.sigmoid(b[0]) * 0.5,
+            pt.sigmoid(b[1]) * 0.5,
+        ),
+        [xsv[:2], xiv],
+        rng=np.random.default_rng(7),
+        mode="NUMBA",
+    )
