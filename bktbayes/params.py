@@ -3,11 +3,11 @@
 This module imports only the standard library so that the serving tracer
 (:mod:`bktbayes.tracing`) can use it without pulling in the research stack.
 
-JSON schema, version 2 (version 1 is the same without ``students`` and
-``draws``, and is still read)::
+JSON schema, version 3 (version 2 is the same without ``items``, version 1
+also without ``students`` and ``draws``; both are still read)::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "model": "seed-defaults",                 # what produced the table
       "created": "2026-11-25T19:40:00+00:00",   # ISO 8601
       "default": {"p_init": 0.3, "p_transit": 0.09, "p_guess": 0.2,
@@ -21,6 +21,7 @@ JSON schema, version 2 (version 1 is the same without ``students`` and
         }
       },
       "students": null | {"init": {user: logit offset}, "transit": {...}},
+      "items": null | {skill: {item: {"p_guess": 0.25, "p_slip": 0.08}}},
       "draws": null | {"n": 100, "default": {"p_init": [100 values], ...},
                        "skills": {skill: {"p_init": [...], ...}}},
       "metadata": {...free-form...}
@@ -59,7 +60,8 @@ PARAM_NAMES: tuple[str, ...] = ("p_init", "p_transit", "p_guess", "p_slip", "p_f
 #: Version written by :meth:`ParamTable.to_json`; the loader reads every version up to it.
 #: Version 2 adds ``students`` (per-student logit offsets) and ``draws``
 #: (thinned posterior draws of every skill's and the default's parameters).
-SCHEMA_VERSION = 2
+#: Version 3 adds ``items`` (item-level guess and slip per skill, KT-IDEM).
+SCHEMA_VERSION = 3
 
 
 class BKTInputError(ValueError):
@@ -279,6 +281,7 @@ class ParamTable(Mapping[str, BKTParams]):
         metadata: Mapping[str, Any] | None = None,
         students: Mapping[str, Mapping[Any, float]] | None = None,
         draws: Mapping[str, Any] | None = None,
+        items: Mapping[Any, Mapping[Any, Mapping[str, float]]] | None = None,
     ) -> None:
         self._skills: dict[str, BKTParams] = {}
         for k, v in (skills or {}).items():
@@ -300,6 +303,9 @@ class ParamTable(Mapping[str, BKTParams]):
         )
         self.draws: dict[str, Any] | None = (
             _check_draws(draws, set(self._skills), "draws") if draws is not None else None
+        )
+        self.items: dict[str, dict[str, tuple[float, float]]] | None = (
+            _check_items(items, self._skills, "items") if items is not None else None
         )
 
     @classmethod
@@ -342,15 +348,21 @@ class ParamTable(Mapping[str, BKTParams]):
         p = self._skills.get(str(skill))
         return (p, True) if p is not None else (self.default, False)
 
-    def params_for(self, skill: Any, user: Any = None) -> BKTParams:
+    def params_for(self, skill: Any, user: Any = None, item: Any = None) -> BKTParams:
         """Parameters for ``skill`` (the population default if unseen).
 
         With ``user`` and student offsets in the table, the student's logit
         offsets are added to ``p_init`` and ``p_transit`` (a student the fit
         never saw gets offset 0, the population mean); ``p_forget`` keeps its
-        share of ``1 - p_transit``, as in the model.
+        share of ``1 - p_transit``, as in the model. With ``item`` and
+        item-level guess and slip in the table, the item's replace the
+        skill's (an item the fit never saw keeps the skill's).
         """
         p = self.lookup(skill)[0]
+        if item is not None and self.items:
+            gs = self.items.get(str(skill), {}).get(str(item))
+            if gs is not None:
+                p = BKTParams(p.p_init, p.p_transit, gs[0], gs[1], p.p_forget)
         if user is None or not self.students:
             return p
         oi = self.students.get("init", {}).get(str(user), 0.0)
@@ -391,6 +403,12 @@ class ParamTable(Mapping[str, BKTParams]):
             "default": self.default.to_dict(),
             "skills": skills,
             "students": self.students,
+            "items": None
+            if self.items is None
+            else {
+                sk: {it: {"p_guess": g, "p_slip": sl} for it, (g, sl) in d.items()}
+                for sk, d in self.items.items()
+            },
             "draws": self.draws,
             "metadata": self.metadata,
         }
@@ -483,6 +501,32 @@ def _check_students(obj: Any, where: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def _check_items(
+    obj: Any, skills: Mapping[str, BKTParams], where: str
+) -> dict[str, dict[str, tuple[float, float]]]:
+    if not isinstance(obj, Mapping):
+        raise ParamFileError(f"{where}: expected an object skill -> {{item -> guess and slip}}")
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for code, table in obj.items():
+        code = str(code)
+        if code not in skills:
+            raise ParamFileError(f"{where}: skill {code!r} is not in the table")
+        if not isinstance(table, Mapping):
+            raise ParamFileError(f"{where}[{code!r}]: expected an object item -> parameters")
+        base = skills[code]
+        vals = {}
+        for item, d in table.items():
+            w = f"{where}[{code!r}][{item!r}]"
+            _require_fields(d, w, ("p_guess", "p_slip"), what="an object with p_guess and p_slip")
+            try:
+                p = BKTParams(base.p_init, base.p_transit, d["p_guess"], d["p_slip"], base.p_forget)
+            except (ValueError, TypeError) as e:
+                raise ParamFileError(f"{w}: {e}") from None
+            vals[str(item)] = (p.p_guess, p.p_slip)
+        out[code] = vals
+    return out
+
+
 def _check_draws(obj: Any, skills: set[str], where: str) -> dict[str, Any]:
     _require_fields(obj, where, ("n", "default", "skills"))
     n = obj["n"]
@@ -532,6 +576,23 @@ def _parse_v2(doc: Mapping[str, Any]) -> ParamTable:
     )
 
 
+def _parse_v3(doc: Mapping[str, Any]) -> ParamTable:
+    return _parse(
+        doc,
+        {
+            "schema_version",
+            "model",
+            "created",
+            "default",
+            "skills",
+            "students",
+            "items",
+            "draws",
+            "metadata",
+        },
+    )
+
+
 def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
     _require_fields(doc, "parameter file", sorted(required))
     if not isinstance(doc["model"], str):
@@ -559,6 +620,7 @@ def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
             stats[code] = s
     students = doc.get("students")
     draws = doc.get("draws")
+    items = doc.get("items")
     try:
         return ParamTable(
             skills,
@@ -569,9 +631,10 @@ def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
             metadata=dict(doc["metadata"]),
             students=students,
             draws=draws,
+            items=items,
         )
     except ParamFileError as e:
         raise ParamFileError(f"parameter file: {e}") from None
 
 
-_PARSERS = {1: _parse_v1, 2: _parse_v2}
+_PARSERS = {1: _parse_v1, 2: _parse_v2, 3: _parse_v3}

@@ -204,7 +204,7 @@ def test_export_with_draws_serves_intervals(fitted, sim, tmp_path):
     model, _ = fitted
     table = model.export_params(n_draws=40)
     back = ParamTable.from_json(table.to_json(tmp_path / "p.json"))
-    assert back.n_draws == 40 and back.to_dict()["schema_version"] == 2
+    assert back.n_draws == 40 and back.to_dict()["schema_version"] == 3
     m = replay(df, back, interval=0.9).mastery
     assert np.all(m["p_mastery_lower"] <= m["p_mastery_upper"])
     assert (m["p_mastery_upper"] - m["p_mastery_lower"]).max() > 0.0

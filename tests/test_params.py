@@ -90,6 +90,7 @@ def test_json_round_trip(tmp_path):
         "default",
         "skills",
         "students",
+        "items",
         "draws",
         "metadata",
     }
@@ -214,7 +215,7 @@ def test_no_pickle_anywhere_in_the_package():
 def test_version_1_files_are_still_read(tmp_path):
     doc = _doc()
     doc["schema_version"] = 1
-    del doc["students"], doc["draws"]
+    del doc["students"], doc["draws"], doc["items"]
     t = ParamTable.from_json(_write(tmp_path, doc))
     assert t["fractions"].p_forget == 0.01 and t.students is None and t.n_draws == 0
     doc["students"] = None
@@ -266,4 +267,48 @@ def test_version_2_rejects_bad_draws_and_offsets(tmp_path):
     doc = _v2_table().to_dict()
     doc["students"]["init"]["u1"] = "high"
     with pytest.raises(ParamFileError, match=r"students.init\['u1'\]"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_version_3_items_round_trip_and_fallback(tmp_path):
+    t = _v2_table()
+    t3 = ParamTable(
+        dict(t),
+        t.default,
+        model="test",
+        items={"fractions": {"p17": {"p_guess": 0.3, "p_slip": 0.05}}},
+    )
+    back = ParamTable.from_json(t3.to_json(tmp_path / "p.json"))
+    assert back == t3 and back.items == {"fractions": {"p17": (0.3, 0.05)}}
+    p = back.params_for("fractions", item="p17")
+    assert (p.p_guess, p.p_slip) == (0.3, 0.05)
+    assert p.p_init == back["fractions"].p_init
+    # An item the fit never saw (or no item) keeps the skill's guess and slip.
+    assert back.params_for("fractions", item="p99") == back["fractions"]
+    assert back.params_for("fractions") == back["fractions"]
+
+
+def test_version_3_rejects_bad_items(tmp_path):
+    t = _table()
+    good = {"fractions": {"p17": {"p_guess": 0.3, "p_slip": 0.05}}}
+    doc = ParamTable(dict(t), t.default, model="x", items=good).to_dict()
+    doc["items"]["fractions"]["p17"]["p_slip"] = 0.8
+    with pytest.raises(ParamFileError, match=r"items\['fractions'\]\['p17'\].*p_guess \+ p_slip"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc["items"] = {"nope": {"p1": {"p_guess": 0.3, "p_slip": 0.05}}}
+    with pytest.raises(ParamFileError, match="skill 'nope' is not in the table"):
+        ParamTable.from_json(_write(tmp_path, doc))
+    doc["items"] = {"fractions": {"p1": {"p_guess": 0.3}}}
+    with pytest.raises(ParamFileError, match=r"\['p1'\]: missing field\(s\) \['p_slip'\]"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_version_2_files_are_still_read(tmp_path):
+    doc = _v2_table().to_dict()
+    doc["schema_version"] = 2
+    del doc["items"]
+    back = ParamTable.from_json(_write(tmp_path, doc))
+    assert back.n_draws == 3 and back.items is None
+    doc["items"] = None
+    with pytest.raises(ParamFileError, match="unknown field.*items"):
         ParamTable.from_json(_write(tmp_path, doc))
