@@ -145,6 +145,9 @@ def export_params(
                 mean = post[name].mean(("chain", "draw"))
                 users = [str(u) for u in mean["user"].values]
                 students[kind] = {u: float(v) for u, v in zip(users, mean.values, strict=True)}
+    items = None
+    if cfg.item_effects:
+        items = _export_items(post, const, skills, cfg.guess_slip)
     metadata: dict[str, Any] = {
         "config": asdict(cfg),
         "diagnostics": jsonable(diag),
@@ -155,6 +158,12 @@ def export_params(
         "n_observations": int(seq_len.sum()),
         "n_sequences": len(seq_len),
     }
+    metadata["items"] = (
+        "posterior-mean guess and slip of the (skill, item) pairs with at least "
+        f"{cfg.item_min_obs} training responses; other items use their skill's"
+        if items is not None
+        else None
+    )
     metadata["students"] = (
         "posterior-mean logit offsets for the students in the fit; new students get 0"
         if students
@@ -168,4 +177,28 @@ def export_params(
         metadata=metadata,
         students=students,
         draws=draws_doc,
+        items=items,
     )
+
+
+def _export_items(post, const, skills: list[str], guess_slip: str) -> dict[str, dict[str, Any]]:
+    """Posterior-mean guess and slip per (skill, item) of an item-level fit."""
+    from .models import natural_params
+
+    item_skill = np.asarray(const["item_skill"].values).astype(str)
+    item_id = np.asarray(const["item_id"].values).astype(str)
+    pos = {s: i for i, s in enumerate(skills)}
+    sk = np.array([pos[s] for s in item_skill], dtype=np.int64)
+    lg = {}
+    for g in ("guess", "slip"):
+        z = _draws(post, f"item_{g}_z")
+        centered = np.asarray(const["item_centered"].values).astype(bool)
+        off = np.where(centered, z, _draws(post, f"sigma_item_{g}")[:, None] * z)
+        lg[g] = _draws(post, f"{g}_logit")[:, sk] + off
+    nat = natural_params({"init": lg["guess"], "transit": lg["guess"], **lg}, guess_slip)
+    g_mean = nat["p_guess"].mean(axis=0)
+    s_mean = nat["p_slip"].mean(axis=0)
+    out: dict[str, dict[str, Any]] = {}
+    for s, i, g, sl in zip(item_skill, item_id, g_mean, s_mean, strict=True):
+        out.setdefault(s, {})[i] = {"p_guess": float(g), "p_slip": float(sl)}
+    return out

@@ -20,6 +20,14 @@ Parameters live on the logit scale. Per skill ``s``:
   ``p_transit + p_forget < 1`` (the mastered state is the persistent one);
 * ``student_effects``: per-student offsets added to ``init`` (and
   ``transit``), ``offset[u] = sigma_student * z[u]`` (Yudelson et al. 2013).
+* ``item_effects=True`` (KT-IDEM, Pardos & Heffernan 2011): per (skill, item)
+  offsets added to the skill's ``guess`` and ``slip`` logits,
+  ``offset[i] ~ Normal(0, sigma_item)`` (centred for items with at least
+  :data:`CENTERED_MIN_ITEM_OBS` responses, non-centred for the sparse rest),
+  through the same ordering, so ``p_guess + p_slip < 1`` holds per item.
+  Items with fewer than ``item_min_obs`` responses, and responses without an
+  item, use the skill's guess and slip (so do items unseen in training when
+  the fit is served).
 
 Hierarchical pooling: each group ``init, transit, guess, slip, forget`` has a
 population mean ``mu_*`` and scale ``sigma_*``. The parametrisation is chosen
@@ -43,11 +51,13 @@ import numpy as np
 import pandas as pd
 
 from .data import PackedEvents, pack_events
-from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp
+from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp, draws_logp_items
 from .packing import pack_codes
 from .params import jsonable
 
 __all__ = [
+    "CENTERED_MIN_ITEMS",
+    "CENTERED_MIN_ITEM_OBS",
     "CENTERED_MIN_OBS",
     "CENTERED_MIN_SEQUENCES",
     "DEFAULT_PRIORS",
@@ -61,6 +71,11 @@ GROUPS = ("init", "transit", "guess", "slip", "forget")
 #: (init group) or responses (other groups).
 CENTERED_MIN_SEQUENCES = 100
 CENTERED_MIN_OBS = 1500
+#: ... and for item offsets, centred for items with at least this many responses.
+CENTERED_MIN_ITEM_OBS = 200
+#: ... and with item effects, a skill's guess and slip are centred only if it
+#: has at least this many modelled items.
+CENTERED_MIN_ITEMS = 20
 
 
 def _logit(p: float) -> float:
@@ -88,6 +103,9 @@ DEFAULT_PRIORS: dict[str, dict[str, float]] = {
     # student offsets: sigma_student_* ~ HalfNormal(sigma)
     "sigma_student_init": {"sigma": 1.0},
     "sigma_student_transit": {"sigma": 0.5},
+    # item offsets on the guess and slip logits: sigma_item_* ~ HalfNormal(sigma)
+    "sigma_item_guess": {"sigma": 0.5},
+    "sigma_item_slip": {"sigma": 0.5},
 }
 
 _BOUNDED_MU = {
@@ -109,6 +127,7 @@ class ModelConfig:
     parametrization: Literal["auto", "centered", "non_centered"] = "auto"
     guess_slip: Literal["ordered", "bounded"] = "ordered"
     priors: dict[str, dict[str, float]] = field(default_factory=dict)
+    item_min_obs: int = 10
 
     def __post_init__(self) -> None:
         if self.pooling not in ("hierarchical", "none"):
@@ -122,10 +141,10 @@ class ModelConfig:
             raise ValueError(f"unknown parametrization {self.parametrization!r}")
         if self.guess_slip not in ("ordered", "bounded"):
             raise ValueError(f"guess_slip must be 'ordered' or 'bounded', got {self.guess_slip!r}")
-        if self.item_effects:
-            raise NotImplementedError(
-                "item_effects=True (KT-IDEM item guess/slip) is not implemented yet"
-            )
+        if isinstance(self.item_min_obs, bool) or not isinstance(self.item_min_obs, int):
+            raise ValueError(f"item_min_obs must be an integer, got {self.item_min_obs!r}")
+        if self.item_min_obs < 1:
+            raise ValueError(f"item_min_obs must be at least 1, got {self.item_min_obs}")
         bad = sorted(set(self.priors) - set(DEFAULT_PRIORS))
         if bad:
             raise ValueError(f"unknown prior(s) {bad}; known: {sorted(DEFAULT_PRIORS)}")
@@ -174,7 +193,8 @@ class BKTModel:
     student_effects : {None, "init", "init+transit"}
         Per-student logit offsets on ``p_init`` (and ``p_transit``).
     item_effects : bool
-        Item-level guess and slip (not implemented yet).
+        Item-level guess and slip (KT-IDEM), partially pooled; needs the
+        events' ``item_id`` column.
     parametrization : {"auto", "centered", "non_centered"}
         Of the hierarchical skill parameters (see the module docstring).
     guess_slip : {"ordered", "bounded"}
@@ -182,6 +202,10 @@ class BKTModel:
     priors : mapping, optional
         Overrides of :data:`DEFAULT_PRIORS` entries, e.g.
         ``{"mu_transit": {"mu": -1.0, "sigma": 1.0}}``.
+    item_min_obs : int
+        With ``item_effects``, items with fewer responses share their skill's
+        guess and slip (default 10: below that an offset is mostly its prior,
+        and every item adds two parameters to sample and store).
 
     Examples
     --------
@@ -199,6 +223,7 @@ class BKTModel:
         parametrization: Literal["auto", "centered", "non_centered"] = "auto",
         guess_slip: Literal["ordered", "bounded"] = "ordered",
         priors: Mapping[str, Mapping[str, float]] | None = None,
+        item_min_obs: int = 10,
     ) -> None:
         self.config = ModelConfig(
             pooling=pooling,
@@ -208,8 +233,10 @@ class BKTModel:
             parametrization=parametrization,
             guess_slip=guess_slip,
             priors={k: dict(v) for k, v in (priors or {}).items()},
+            item_min_obs=item_min_obs,
         )
         self.idata = None
+        self._items: dict[str, np.ndarray] | None = None
         self.model = None
         self._packed: PackedEvents | None = None
         self.diagnostics: dict[str, Any] | None = None
@@ -222,8 +249,8 @@ class BKTModel:
         c = self.config
         return (
             f"BKTModel(pooling={c.pooling!r}, forgetting={c.forgetting}, "
-            f"student_effects={c.student_effects!r}, parametrization={c.parametrization!r}, "
-            f"guess_slip={c.guess_slip!r})"
+            f"student_effects={c.student_effects!r}, item_effects={c.item_effects}, "
+            f"parametrization={c.parametrization!r}, guess_slip={c.guess_slip!r})"
         )
 
     # ------------------------------------------------------------------
@@ -243,7 +270,50 @@ class BKTModel:
             return np.zeros(n_seq.shape, dtype=bool)
         if group == "init":
             return n_seq >= CENTERED_MIN_SEQUENCES
+        if group == "item":
+            return n_obs >= CENTERED_MIN_ITEM_OBS
+        if group in ("guess", "slip") and self._items is not None:
+            # With item offsets, a skill's guess and slip are the centre of its
+            # items' and are informed by how many items it has, not by its
+            # responses.
+            n_items = np.bincount(
+                self._items["item_skill"][: int(self._items["n_real"])], minlength=n_obs.size
+            )
+            return (n_obs >= CENTERED_MIN_OBS) & (n_items >= CENTERED_MIN_ITEMS)
         return n_obs >= CENTERED_MIN_OBS
+
+    def _item_index(self, events: pd.DataFrame, pe: PackedEvents) -> dict[str, np.ndarray]:
+        """Items of the item-level model: (skill, item) pairs with at least
+        ``item_min_obs`` responses, then one skill-level entry per skill.
+
+        Returns ``ev_item`` (per response, lockstep order), ``item_skill``,
+        ``skill`` and ``item`` labels of the modelled pairs, and ``n_obs``.
+        """
+        if pe.item_code is None:
+            raise ValueError("item_effects=True needs an 'item_id' column in the events")
+        n_skill = len(pe.skills)
+        s_codes = pd.factorize(events["skill"], sort=True)[0].astype(np.int64)
+        ic = pe.item_code
+        n_glob = len(pe.items)
+        key = s_codes * (n_glob + 1) + (ic + 1)  # item code -1 (missing) -> 0
+        pairs, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+        pair_skill = pairs // (n_glob + 1)
+        pair_item = pairs % (n_glob + 1) - 1
+        real = (pair_item >= 0) & (cnt >= self.config.item_min_obs)
+        idx = np.full(pairs.size, -1, dtype=np.int64)
+        idx[real] = np.arange(int(real.sum()))
+        n_real = int(real.sum())
+        row_item = idx[inv]
+        row_item = np.where(row_item >= 0, row_item, n_real + s_codes)
+        return {
+            "row_item": row_item.astype(np.int64),
+            "ev_item": pe.packed.to_lockstep(row_item).astype(np.int64),
+            "item_skill": np.concatenate([pair_skill[real], np.arange(n_skill)]).astype(np.int64),
+            "n_real": np.asarray(n_real),
+            "skill": np.asarray([str(pe.skills[k]) for k in pair_skill[real]]),
+            "item": np.asarray([str(pe.items[k]) for k in pair_item[real]]),
+            "n_obs": cnt[real],
+        }
 
     def build_model(self, events: pd.DataFrame):
         """Build the PyMC model for an events table (see :func:`bktbayes.data.load_events`).
@@ -256,7 +326,7 @@ class BKTModel:
         import pytensor
         import pytensor.tensor as pt
 
-        from .ops import bkt_loglik, bkt_skill_loglik, layout_inputs, scan_loglik
+        from .ops import bkt_item_loglik, bkt_loglik, bkt_skill_loglik, layout_inputs, scan_loglik
 
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
@@ -268,6 +338,14 @@ class BKTModel:
         coords = {"skill": [str(s) for s in pe.skills]}
         if cfg.student_effects:
             coords["user"] = [str(u) for u in pe.users]
+        if cfg.item_effects:
+            self._items = self._item_index(events, pe)
+            self._items["centered"] = self._centered_mask(
+                "item", self._items["n_obs"], self._items["n_obs"]
+            )
+            coords["item"] = [
+                f"{s}|{i}" for s, i in zip(self._items["skill"], self._items["item"], strict=True)
+            ]
         seq_skill = pk.seq_skill
         self.fit_info["centered"] = {}
 
@@ -333,10 +411,43 @@ class BKTModel:
                 pi_seq = p_init_s[seq_skill]
                 pt_seq = p_tr_s[seq_skill]
                 f_seq = f_s[seq_skill] if cfg.forgetting else None
+            if cfg.item_effects:
+                it = self._items
+                sig_g = pm.HalfNormal("sigma_item_guess", self.prior("sigma_item_guess")["sigma"])
+                sig_s = pm.HalfNormal("sigma_item_slip", self.prior("sigma_item_slip")["sigma"])
+                # Per item, as for skills: centred offsets (item_*_z is then
+                # the offset itself) for data-rich items, non-centred
+                # (offset = sigma z) for sparse ones.
+                cm = it["centered"]
+                self.fit_info["centered"]["item"] = int(cm.sum())
+                c = pt.as_tensor_variable(cm.astype("float64"))
+                zeros = pt.zeros(n_skill)
+                isk = it["item_skill"]
+                offs = []
+                for name, sig in (("guess", sig_g), ("slip", sig_s)):
+                    z = pm.Normal(f"item_{name}_z", 0.0, c * sig + (1.0 - c), dims="item")
+                    offs.append(pt.concatenate([c * z + (1.0 - c) * sig * z, zeros]))
+                gl = logits["guess"][isk] + offs[0]
+                sl = logits["slip"][isk] + offs[1]
+                if cfg.guess_slip == "ordered":
+                    g_i = pm.math.sigmoid(gl)
+                    s_i = (1.0 - g_i) * pm.math.sigmoid(-sl)
+                else:
+                    g_i = 0.5 * pm.math.sigmoid(gl)
+                    s_i = 0.5 * pm.math.sigmoid(sl)
             if self._likelihood == "scan":
-                total = scan_loglik(
-                    *_padded(pk), pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
-                ).sum()
+                y_pad, m_pad = _padded(pk)
+                if cfg.item_effects:
+                    it_pad = _padded(pk, self._items["row_item"])[0]
+                    g_arg, s_arg = g_i[it_pad], s_i[it_pad]
+                else:
+                    g_arg, s_arg = g_s[seq_skill], s_s[seq_skill]
+                total = scan_loglik(y_pad, m_pad, pi_seq, pt_seq, g_arg, s_arg, f_seq).sum()
+            elif cfg.item_effects:
+                # Guess and slip per response: the item Op (backward adjoints).
+                data = layout_inputs(pk)
+                ev_item = pytensor.shared(self._items["ev_item"], name="bkt_ev_item")
+                total = bkt_item_loglik(data, ev_item, pi_seq, pt_seq, g_i, s_i, f_seq)
             elif cfg.student_effects:
                 # Parameters differ per sequence: the per-sequence Op, with
                 # PyTensor gathering and scattering.
@@ -463,6 +574,11 @@ class BKTModel:
             if cfg.student_effects == "init+transit":
                 pts["sigma_student_transit"] = np.asarray(0.2)
                 pts["student_transit_z"] = np.zeros(n_user)
+        if cfg.item_effects:
+            n_item = int(self._items["n_real"])
+            for g in ("guess", "slip"):
+                pts[f"sigma_item_{g}"] = np.asarray(0.2)
+                pts[f"item_{g}_z"] = np.zeros(n_item)
         return pts
 
     # ------------------------------------------------------------------
@@ -610,6 +726,31 @@ class BKTModel:
         out["p_slip"] = np.take(stack("p_slip"), sk, axis=1)
         return out
 
+    def item_natural(self, post) -> tuple[np.ndarray, np.ndarray]:
+        """Per-draw guess and slip of every item, shape (n_draws, n_items).
+
+        Columns: the modelled (skill, item) pairs (the ``item`` coordinate),
+        then one skill-level column per skill.
+        """
+        it = self._items
+
+        def stack(name):
+            v = np.asarray(post[name].transpose("chain", "draw", ...).values)
+            return v.reshape(v.shape[0] * v.shape[1], -1)
+
+        n = stack("guess_logit").shape[0]
+        out = []
+        for g in ("guess", "slip"):
+            z = stack(f"item_{g}_z")
+            off = np.where(it["centered"], z, stack(f"sigma_item_{g}") * z)
+            off = np.concatenate([off, np.zeros((n, len(self._packed.skills)))], axis=1)
+            out.append(np.take(stack(f"{g}_logit"), it["item_skill"], axis=1) + off)
+        nat = natural_params(
+            {"init": out[0], "transit": out[0], "guess": out[0], "slip": out[1]},
+            self.config.guess_slip,
+        )
+        return nat["p_guess"], nat["p_slip"]
+
     def _complete(self, idata):
         """Add log_likelihood, observed_data and constant_data groups."""
         import xarray as xr
@@ -625,12 +766,21 @@ class BKTModel:
         n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
         ll = np.empty((n_chain * n_draw, pk.n_seqs))
         data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
-        draws_logp(
-            *data,
-            *(np.ascontiguousarray(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
-            np.ascontiguousarray(nat["p_forget"]) if "p_forget" in nat else None,
-            ll,
-        )
+        pf = np.ascontiguousarray(nat["p_forget"]) if "p_forget" in nat else None
+        c = np.ascontiguousarray
+        if self.config.item_effects:
+            ig, isl = self.item_natural(post)
+            draws_logp_items(
+                *data, self._items["ev_item"], c(nat["p_init"]), c(nat["p_transit"]),
+                c(ig), c(isl), pf, ll,
+            )  # fmt: skip
+        else:
+            draws_logp(
+                *data,
+                *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+                pf,
+                ll,
+            )
         seq_labels = [
             f"{pe.users[u]}|{pe.skills[s]}" for u, s in zip(pk.seq_user, pk.seq_skill, strict=True)
         ]
@@ -652,6 +802,14 @@ class BKTModel:
             },
             coords={"sequence": seq_labels},
         )
+        if self.config.item_effects:
+            it = self._items
+            const = const.assign(
+                item_skill=(("item",), it["skill"]),
+                item_id=(("item",), it["item"]),
+                item_n_obs=(("item",), it["n_obs"]),
+                item_centered=(("item",), it["centered"]),
+            )
         idata["log_likelihood"] = xr.DataTree(ll_ds)
         idata["observed_data"] = xr.DataTree(obs)
         idata["constant_data"] = xr.DataTree(const)
@@ -783,13 +941,17 @@ class BKTModel:
         return m
 
 
-def _padded(pk) -> tuple[np.ndarray, np.ndarray]:
-    """Time-major padded responses and mask for the scan twin."""
+def _padded(pk, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Time-major padded responses (or ``values``, per input row) and mask
+    for the scan twin."""
     length = int(pk.seq_len.max()) if pk.n_seqs else 0
     y = np.zeros((length, pk.n_seqs), dtype=np.int64)
     m = np.zeros((length, pk.n_seqs))
-    correct = np.empty(pk.n_events, dtype=np.int64)
-    correct[pk.lock_row] = pk.lock_correct
+    if values is None:
+        correct = np.empty(pk.n_events, dtype=np.int64)
+        correct[pk.lock_row] = pk.lock_correct
+    else:
+        correct = np.asarray(values, dtype=np.int64)
     for q in range(pk.n_seqs):
         rows = pk.csr_row[pk.seq_start[q] : pk.seq_start[q] + pk.seq_len[q]]
         y[: rows.size, q] = correct[rows]

@@ -9,6 +9,13 @@ forgets with probability ``p_forget``.
 Student variation (Yudelson et al. 2013): per-student offsets on the logit
 scale, ``logit p_init[u, s] = logit p_init[s] + sd_init * z_u`` (and likewise
 for ``p_transit``), with ``z_u`` standard normal.
+
+Item variation (KT-IDEM): with ``items_per_skill``, each response is to one of
+the skill's items drawn uniformly; item ``i`` of skill ``s`` has
+``logit p_guess[i] = logit p_guess[s] + sd_guess * z_i`` and a slip offset
+through the model's ordered mapping, ``p_slip[i] = (1 - p_guess[i])
+sigmoid(-(x_s + sd_slip * w_i))`` with ``x_s`` the skill's, so that
+``p_guess + p_slip < 1`` holds for every item.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ class SimulationTruth:
         Per-student logit offsets (zeros without student variation).
     users : array, shape (n_users,)
         Student ids, aligned with the offsets.
+    items : dict, optional
+        ``{skill: {item: (p_guess, p_slip)}}`` when items were simulated.
     """
 
     params: ParamTable
     init_offset: np.ndarray
     transit_offset: np.ndarray
     users: np.ndarray
+    items: dict | None = None
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -62,6 +72,9 @@ def simulate(
     max_length: int | None = None,
     student_sd_init: float = 0.0,
     student_sd_transit: float = 0.0,
+    items_per_skill: int | None = None,
+    item_sd_guess: float = 0.0,
+    item_sd_slip: float = 0.0,
     seed: int | np.random.Generator | None = None,
     return_truth: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, SimulationTruth]:
@@ -85,6 +98,10 @@ def simulate(
         Truncate sequences at this length.
     student_sd_init, student_sd_transit : float
         Standard deviation of the per-student logit offsets.
+    items_per_skill : int, optional
+        Simulate this many items per skill and add an ``item_id`` column.
+    item_sd_guess, item_sd_slip : float
+        Standard deviation of the per-item logit offsets on guess and slip.
     seed : int or Generator, optional
         Same seed, same table.
     return_truth : bool
@@ -150,12 +167,30 @@ def simulate(
     # Step all sequences in lockstep: sequence-major output positions.
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     n = int(lengths.sum())
+    item_of = item_g = item_s = None
+    if items_per_skill is not None:
+        if items_per_skill < 1:
+            raise ValueError(f"items_per_skill must be >= 1, got {items_per_skill}")
+        if item_sd_guess < 0 or item_sd_slip < 0:
+            raise ValueError("item standard deviations must be >= 0")
+        m = int(items_per_skill)
+        ig = _expit(_logit(mat[:, 2])[:, None] + item_sd_guess * rng.standard_normal((k, m)))
+        x = -_logit(mat[:, 3] / (1.0 - mat[:, 2]))
+        item_s = (1.0 - ig) * _expit(-(x[:, None] + item_sd_slip * rng.standard_normal((k, m))))
+        item_g = ig
+        item_of = rng.integers(0, m, n)  # per output position
     correct = np.empty(n, dtype=np.int8)
     state = rng.random(n_seq) < p_init
     for t in range(int(lengths.max())):
         active = np.flatnonzero(lengths > t)
         st = state[active]
-        p_c = np.where(st, 1.0 - p_slip[active], p_guess[active])
+        if item_of is None:
+            pg_t, ps_t = p_guess[active], p_slip[active]
+        else:
+            it = item_of[starts[active] + t]
+            pg_t = item_g[seq_skill[active], it]
+            ps_t = item_s[seq_skill[active], it]
+        p_c = np.where(st, 1.0 - ps_t, pg_t)
         correct[starts[active] + t] = rng.random(active.size) < p_c
         u = rng.random(active.size)
         state[active] = np.where(st, u >= p_forget[active], u < p_tr[active])
@@ -176,6 +211,16 @@ def simulate(
             "order": order.astype(np.int64),
         }
     )
+    items_truth = None
+    if item_of is not None:
+        sk_pos = np.repeat(seq_skill, lengths)
+        df["item_id"] = pd.array(
+            [f"{skills[a]}/i{b}" for a, b in zip(sk_pos, item_of, strict=True)], dtype="string"
+        )
+        items_truth = {
+            s: {f"{s}/i{j}": (float(item_g[a, j]), float(item_s[a, j])) for j in range(m)}
+            for a, s in enumerate(skills)
+        }
     df.attrs["source_format"] = "simulation"
     if not return_truth:
         return df
@@ -186,5 +231,6 @@ def simulate(
         init_offset=z_init,
         transit_offset=z_tr,
         users=np.arange(n_users),
+        items=items_truth,
     )
     return df, truth

@@ -240,10 +240,13 @@ def _lockstep(
     out_final,
     low,
     high,
+    ev_guess,
+    ev_slip,
 ):
     # ``clamp_before`` is None or a flag per event; numba compiles the two
     # cases separately and prunes the dead branch, so the plain kernel pays
-    # nothing for batches.
+    # nothing for batches. ``ev_guess``/``ev_slip`` (per event, item-level)
+    # are None or replace the sequence's guess and slip step by step.
     bs = 0
     for b in range(block_seq.shape[0] - 1):
         bs = max(bs, block_seq[b + 1] - block_seq[b])
@@ -274,6 +277,14 @@ def _lockstep(
             cc = correct[pos : pos + n]
             o_pred = out_pred[pos : pos + n]
             o_mast = out_mast[pos : pos + n]
+            if ev_guess is not None:
+                eg = ev_guess[pos : pos + n]
+                es = ev_slip[pos : pos + n]
+                for j in range(n):
+                    gg[j] = eg[j]
+                    one_g[j] = 1.0 - eg[j]
+                    sl[j] = es[j]
+                    one_s[j] = 1.0 - es[j]
             if clamp_before is None:
                 for j in range(n):
                     p = st[j]
@@ -323,6 +334,8 @@ def lockstep_filter(
     out_pred,
     out_mast,
     out_final,
+    ev_guess=None,
+    ev_slip=None,
 ):
     """Forward filter many sequences in lockstep (lockstep layout).
 
@@ -341,6 +354,9 @@ def lockstep_filter(
         Written: P(correct) before and P(mastery) after each response.
     out_final : float64 array, shape (n_seqs,)
         Written: P(mastery) after each sequence's last response (unclamped).
+    ev_guess, ev_slip : float64 arrays, shape (n_events,), optional
+        Item-level guess and slip of each response (lockstep order), replacing
+        the sequence's.
     """
     _lockstep(
         correct,
@@ -359,6 +375,8 @@ def lockstep_filter(
         out_final,
         0.0,
         1.0,
+        ev_guess,
+        ev_slip,
     )
 
 
@@ -380,6 +398,8 @@ def lockstep_filter_batched(
     out_final,
     low,
     high,
+    ev_guess=None,
+    ev_slip=None,
 ):
     """:func:`lockstep_filter` that clamps the running value to [low, high]
     before every event flagged in ``clamp_before`` (uint8, lockstep order):
@@ -401,6 +421,8 @@ def lockstep_filter_batched(
         out_final,
         low,
         high,
+        ev_guess,
+        ev_slip,
     )
 
 
@@ -414,6 +436,66 @@ def _batch_boundaries(batch, csr_row, seq_start, seq_len, lock_pos_of_row):
             if batch[csr_row[i]] != batch[csr_row[i - 1]]:
                 flags[lock_pos_of_row[csr_row[i]]] = 1
     return flags
+
+
+@nb.njit(**_JIT)
+def _lock_seq(block_seq, block_ev, step_ptr, step_count, n_events):
+    """Sequence index of each lockstep position."""
+    out = np.empty(n_events, dtype=np.int64)
+    for b in range(block_seq.shape[0] - 1):
+        pos = block_ev[b]
+        for t in range(step_ptr[b], step_ptr[b + 1]):
+            for j in range(step_count[t]):
+                out[pos + j] = block_seq[b] + j
+            pos += step_count[t]
+    return out
+
+
+def _item_guess_slip(
+    packed: Packed,
+    params: ParamTable,
+    skill_values: np.ndarray,
+    items: np.ndarray,
+    mat: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-response guess and slip (lockstep order): the item's where the
+    table has one for that (skill, item), the skill's otherwise.
+
+    Returns the two arrays and the number of responses scored at item level.
+    """
+    lock_skill = packed.seq_skill[
+        _lock_seq(packed.block_seq, packed.block_ev, packed.step_ptr, packed.step_count,
+                  packed.n_events)
+    ]  # fmt: skip
+    g = np.ascontiguousarray(mat[lock_skill, 2])
+    s = np.ascontiguousarray(mat[lock_skill, 3])
+    vals = np.asarray(items, dtype=object)[packed.lock_row]
+    missing = np.fromiter(
+        (v is None or (isinstance(v, float) and math.isnan(v)) or type(v).__name__ == "NAType"
+         for v in vals),
+        dtype=bool,
+        count=vals.size,
+    )  # fmt: skip
+    text = np.where(missing, "", vals).astype(str)
+    uniq, code = np.unique(text, return_inverse=True)
+    pair, inv = np.unique(lock_skill * uniq.size + code.reshape(-1), return_inverse=True)
+    pg = np.full(pair.size, np.nan)
+    ps = np.full(pair.size, np.nan)
+    for k, key in enumerate(pair):
+        table = params.items.get(str(_plain(skill_values[key // uniq.size])), {})
+        gs = table.get(str(uniq[key % uniq.size]))
+        if gs is not None:
+            pg[k], ps[k] = gs
+    eg = pg[inv.reshape(-1)]
+    es = ps[inv.reshape(-1)]
+    hit = ~np.isnan(eg) & ~missing
+    g[hit] = eg[hit]
+    s[hit] = es[hit]
+    return g, s, int(hit.sum())
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
 
 
 @nb.njit(**_JIT)
@@ -445,13 +527,16 @@ class ReplayResult:
     population default was used).
 
     ``unknown_skills`` lists the skills that were not in the parameter table
-    and were scored with its population default.
+    and were scored with its population default; ``n_item_level`` counts the
+    responses scored with item-level guess and slip (the rest used their
+    skill's).
     """
 
     p_correct: np.ndarray
     p_mastery: np.ndarray
     mastery: dict[str, np.ndarray]
     unknown_skills: list[Any]
+    n_item_level: int = 0
 
     def events_frame(self):
         """Per-event outputs as a pandas DataFrame (imports pandas)."""
@@ -607,7 +692,11 @@ def replay(
         ``p_mastered >= 0.9``. Costs one replay per draw.
 
     A table with student offsets (schema 2) applies them to the students it
-    knows; others get the population mean (offset 0).
+    knows; others get the population mean (offset 0). A table with item-level
+    guess and slip (schema 3) applies them where ``events`` has an
+    ``item_id`` column and the table knows the (skill, item); other responses
+    use their skill's (``ReplayResult.n_item_level`` counts the former). The
+    ``interval`` replays then use the items' posterior means.
 
     Returns
     -------
@@ -650,6 +739,13 @@ def replay(
     batch_arr = _column(events, batch) if batch is not None else None
     if batch_arr is not None:
         batch_arr, _ = factorize(batch_arr)
+    items = None
+    if isinstance(params, ParamTable) and params.items:
+        items = _column(events, cols.get("item_id", "item_id"), required=False)
+        if items is not None and len(items) != n:
+            raise ValueError(
+                f"column {cols.get('item_id', 'item_id')!r} has {len(items)} rows, expected {n}"
+            )
     return replay_packed(
         packed,
         params,
@@ -660,6 +756,7 @@ def replay(
         needs_focus=needs_focus,
         threads=threads,
         interval=interval,
+        items=items,
     )
 
 
@@ -698,6 +795,7 @@ def replay_packed(
     threads: int | None = None,
     interval: float | None = None,
     per_event: bool = True,
+    items: np.ndarray | None = None,
 ) -> ReplayResult:
     """:func:`replay` on events already packed (see :func:`bktbayes.packing.pack_codes`).
 
@@ -706,7 +804,9 @@ def replay_packed(
     (a recalculation needs only the mastery table); ``p_correct`` and
     ``p_mastery`` are then empty.
     ``skill_values[code]`` and ``user_values[code]`` give the ids behind the
-    integer codes; ``batch`` holds integer batch codes in input row order.
+    integer codes; ``batch`` holds integer batch codes in input row order;
+    ``items`` the item id of each input row (None or NaN where unknown), used
+    with a table that carries item-level guess and slip.
     """
     if packed.lock_correct is None or packed.seq_correct is None:
         raise ValueError("packed events carry no responses: pack them with correct=")
@@ -739,15 +839,20 @@ def replay_packed(
             np.ascontiguousarray(batch), packed.csr_row, packed.seq_start, packed.seq_len, lock_pos
         )
 
+    ev_g = ev_s = None
+    n_item_level = 0
+    if items is not None and isinstance(params, ParamTable) and params.items:
+        ev_g, ev_s, n_item_level = _item_guess_slip(packed, params, skill_values, items, mat)
+
     def run(sp: np.ndarray) -> np.ndarray:
         final = np.empty(packed.n_seqs)
         cols = [np.ascontiguousarray(sp[:, i]) for i in range(5)]
         lay = (packed.block_seq, packed.block_ev, packed.step_ptr, packed.step_count)
         if flags is None:
-            lockstep_filter(obs, *lay, *cols, pred, mast, final)
+            lockstep_filter(obs, *lay, *cols, pred, mast, final, ev_g, ev_s)
         else:
             lockstep_filter_batched(
-                obs, flags, *lay, *cols, pred, mast, final, CLAMP_LOW, CLAMP_HIGH
+                obs, flags, *lay, *cols, pred, mast, final, CLAMP_LOW, CLAMP_HIGH, ev_g, ev_s
             )
         return np.clip(final, CLAMP_LOW, CLAMP_HIGH)
 
@@ -780,12 +885,12 @@ def replay_packed(
         "known_skill": known[packed.seq_skill],
         **extra,
     }
-    unknown = [skill_values[i] for i in used_skills[~known_used]]
-    unknown = [u.item() if isinstance(u, np.generic) else u for u in unknown]
+    unknown = [_plain(skill_values[i]) for i in used_skills[~known_used]]
     both = packed.from_lockstep_pair(pred, mast, threads) if per_event else np.empty((0, 2))
     return ReplayResult(
         p_correct=both[:, 0],
         p_mastery=both[:, 1],
         mastery=mastery,
         unknown_skills=unknown,
+        n_item_level=n_item_level,
     )
