@@ -148,8 +148,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 _MODEL_HELP = (
     "model: 'hierarchical' (default) or 'none' (no pooling), optionally with "
-    "'+forgetting' and '+students' (student effects on p_init) or '+students2' (on "
-    "p_init and p_transit), e.g. hierarchical+forgetting"
+    "'+forgetting', '+students' (student effects on p_init) or '+students2' (on "
+    "p_init and p_transit) and '+items' (item-level guess/slip), e.g. hierarchical+forgetting"
 )
 
 
@@ -169,6 +169,8 @@ def _model_from_spec(spec: str):
             kw["student_effects"] = "init"
         elif p == "students2":
             kw["student_effects"] = "init+transit"
+        elif p == "items":
+            kw["item_effects"] = True
         else:
             raise BKTInputError(f"--model {spec!r}: unknown part {p!r} ({_MODEL_HELP})")
     return lambda: BKTModel(**kw)

@@ -97,6 +97,8 @@ def _draw_tables(table: ParamTable) -> list[ParamTable]:
                 {s: at(v) for s, v in d["skills"].items()},
                 at(d["default"]),
                 students=table.students,
+                # Item-level guess/slip are exported as posterior means only.
+                items=table.items,
                 model="draw",
                 created=table.created,
             )

@@ -69,9 +69,7 @@ def main() -> None:
             try:
                 model.fit(data=train.drop(columns="fold"), defaults=defaults, **kw)
                 secs.append(time.perf_counter() - t0)
-                auc, rmse = model.evaluate(
-                    data=test.drop(columns="fold"), metric=["auc", "rmse"]
-                )
+                auc, rmse = model.evaluate(data=test.drop(columns="fold"), metric=["auc", "rmse"])
             except Exception as e:  # reported in the table, not hidden
                 errors.append(f"fold {f}: {type(e).__name__}: {e}"[:200])
                 continue
