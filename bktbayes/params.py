@@ -517,6 +517,8 @@ def _check_items(
         vals = {}
         for item, d in table.items():
             w = f"{where}[{code!r}][{item!r}]"
+            if isinstance(d, tuple) and len(d) == 2:  # the parsed form, ParamTable.items
+                d = {"p_guess": d[0], "p_slip": d[1]}
             _require_fields(d, w, ("p_guess", "p_slip"), what="an object with p_guess and p_slip")
             try:
                 p = BKTParams(base.p_init, base.p_transit, d["p_guess"], d["p_slip"], base.p_forget)

@@ -280,6 +280,8 @@ def test_version_3_items_round_trip_and_fallback(tmp_path):
     )
     back = ParamTable.from_json(t3.to_json(tmp_path / "p.json"))
     assert back == t3 and back.items == {"fractions": {"p17": (0.3, 0.05)}}
+    # A table's parsed items build another table (per-draw tables do this).
+    assert ParamTable(dict(back), back.default, items=back.items).items == back.items
     p = back.params_for("fractions", item="p17")
     assert (p.p_guess, p.p_slip) == (0.3, 0.05)
     assert p.p_init == back["fractions"].p_init
