@@ -407,7 +407,6 @@ def skill_newton(
     max_iter: int = 30,
     tol: float = 1e-2,
     subset=None,
-    hessian: bool = False,
 ) -> dict:
     """Per-skill maximum (penalised) likelihood by block-diagonal Newton steps.
 
@@ -440,16 +439,12 @@ def skill_newton(
         ``subset(mask) -> (layout, seq_skill)`` for the sequences of the
         skills in ``mask`` only. Late iterations move few skills; once fewer
         than a third are still moving, evaluations run on theirs alone.
-    hessian : bool
-        Also return ``hess``, shape (n_skills, n_par, n_par): the Hessian
-        blocks of the penalised objective at the optimum (1 + n_par more
-        evaluations on all skills).
 
     Returns
     -------
     dict
         ``x`` (logits), ``loglik`` per skill (unpenalised), ``n_eval``,
-        ``n_iter``, ``converged`` (and ``hess``).
+        ``n_iter``, ``converged``.
     """
     x = np.array(x0, dtype=np.float64, copy=True)
     n_par, n_skill = x.shape
@@ -473,20 +468,17 @@ def skill_newton(
     lp, obj, g = evaluate(x)
     lam = np.full(n_skill, 1e-4)
     h = 1e-5
-
-    def hessian_blocks(x, g):
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007
         hess = np.empty((n_skill, n_par, n_par))
         for k in range(n_par):
             xk = x.copy()
             xk[k] += h
             _, _, gk = evaluate(xk)
             hess[:, :, k] = ((gk - g) / h).T
-        return 0.5 * (hess + hess.transpose(0, 2, 1))
-
-    converged = False
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007
-        neg = -hessian_blocks(x, g)
+        hess = 0.5 * (hess + hess.transpose(0, 2, 1))
+        neg = -hess
         eye = np.eye(n_par)
         diag = 1.0 + np.abs(np.diagonal(neg, axis1=1, axis2=2))
         # Skills whose Newton step promises less than 1e-4 nats are done:
@@ -540,13 +532,7 @@ def skill_newton(
             lp[moving] = lpn[moving]
             obj[moving] = objn[moving]
             g[:, moving] = gn[:, moving]
-    out = {"x": x, "loglik": lp, "n_eval": n_eval, "n_iter": it, "converged": converged}
-    if hessian:
-        cur_layout, cur_seq_skill = layout, seq_skill
-        _, _, g_all = evaluate(x)
-        out["hess"] = hessian_blocks(x, g_all)
-        out["n_eval"] = n_eval
-    return out
+    return {"x": x, "loglik": lp, "n_eval": n_eval, "n_iter": it, "converged": converged}
 
 
 @nb.njit(parallel=True, **_JIT)

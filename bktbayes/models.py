@@ -237,10 +237,6 @@ class BKTModel:
         )
         self.idata = None
         self._items: dict[str, np.ndarray] | None = None
-        # Set by fast_estimate(hessian=True): per-group likelihood sd of each
-        # skill's logit, and the estimate itself (the "auto" rule uses both).
-        self._skill_sd: dict[str, np.ndarray] | None = None
-        self._estimate: dict[str, Any] | None = None
         self.model = None
         self._packed: PackedEvents | None = None
         self.diagnostics: dict[str, Any] | None = None
@@ -272,13 +268,6 @@ class BKTModel:
             return np.ones(n_seq.shape, dtype=bool)
         if p == "non_centered":
             return np.zeros(n_seq.shape, dtype=bool)
-        if self._skill_sd is not None and group in self._skill_sd and self._items is None:
-            # Centred where the data alone pin the skill's logit more tightly
-            # than the population spreads skills (the likelihood dominates
-            # the prior), non-centred where the prior does.
-            sd = self._skill_sd[group]
-            if sd.shape == n_obs.shape:
-                return sd < self._population(group, n_obs)[1]
         if group == "init":
             return n_seq >= CENTERED_MIN_SEQUENCES
         if group == "item":
@@ -292,15 +281,6 @@ class BKTModel:
             )
             return (n_obs >= CENTERED_MIN_OBS) & (n_items >= CENTERED_MIN_ITEMS)
         return n_obs >= CENTERED_MIN_OBS
-
-    def _population(self, group: str, n_obs: np.ndarray) -> tuple[float, float]:
-        """Population mean and spread of a group's logits from the fast
-        estimate, weighting well-informed skills more (at least 0.1)."""
-        x = np.asarray(self._estimate["logits"][group], dtype=float)
-        w = np.minimum(n_obs / 200.0, 1.0)
-        mu = float(np.sum(w * x) / max(w.sum(), 1e-9))
-        sigma = float(max(np.sqrt(np.sum(w * (x - mu) ** 2) / max(w.sum(), 1e-9)), 0.1))
-        return mu, sigma
 
     def _item_index(self, events: pd.DataFrame, pe: PackedEvents) -> dict[str, np.ndarray]:
         """Items of the item-level model: (skill, item) pairs with at least
@@ -487,9 +467,7 @@ class BKTModel:
     # ------------------------------------------------------------------
     # Fast estimates and initialisation.
 
-    def fast_estimate(
-        self, events: pd.DataFrame | None = None, *, max_iter: int = 30, hessian: bool = False
-    ):
+    def fast_estimate(self, events: pd.DataFrame | None = None, *, max_iter: int = 30):
         """Per-skill maximum likelihood (what pyBKT's EM computes), by Newton steps.
 
         Every skill's logit-scale parameters are fitted at once with
@@ -551,15 +529,8 @@ class BKTModel:
             prior_mean=mu0,
             max_iter=max_iter,
             subset=subset,
-            hessian=hessian,
         )
         lg = {g: res["x"][i] for i, g in enumerate(groups)}
-        if hessian:
-            # Marginal sd of each logit from the (weakly penalised) likelihood:
-            # how tightly the data alone pin it, for the "auto" parametrisation.
-            cov = np.linalg.inv(-res["hess"])
-            sd = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
-            self._skill_sd = {g: sd[:, i] for i, g in enumerate(groups)}
         out = {
             "logits": lg,
             "params": natural_params(lg, self.config.guess_slip),
@@ -572,7 +543,6 @@ class BKTModel:
         self.fit_info["fast_estimate"] = {
             k: out[k] for k in ("loglik", "n_eval", "n_iter", "seconds", "converged")
         }
-        self._estimate = out
         return out
 
     def _initial_points(self, est: dict) -> dict[str, np.ndarray]:
@@ -588,7 +558,9 @@ class BKTModel:
             if cfg.pooling == "none":
                 pts[f"{g}_logit"] = x
                 continue
-            mu, sigma = self._population(g, n_obs)
+            w = np.minimum(n_obs / 200.0, 1.0)  # trust well-informed skills more
+            mu = float(np.sum(w * x) / max(w.sum(), 1e-9))
+            sigma = float(max(np.sqrt(np.sum(w * (x - mu) ** 2) / max(w.sum(), 1e-9)), 0.1))
             cmask = self._centered_mask(g, n_seq, n_obs)
             # Sparse skills start near the population mean, not at their noisy MLE.
             x = np.where(n_obs >= 50, x, mu)
@@ -658,13 +630,11 @@ class BKTModel:
         import time
 
         tb = time.perf_counter()
-        est = None
-        if init == "fast_estimate":
-            # First, so that "auto" can choose the parametrisation from it.
-            est = self.fast_estimate(events, hessian=True)
-        ti = time.perf_counter()
         model = self.build_model(events)
-        pts = None if est is None else self._initial_points(est)
+        ti = time.perf_counter()
+        pts = None
+        if init == "fast_estimate":
+            pts = self._initial_points(self.fast_estimate())
         t0 = time.perf_counter()
         if sampler == "nutpie":
             import nutpie
@@ -715,8 +685,8 @@ class BKTModel:
         self.idata = idata
         self.diagnostics = self.check_diagnostics(warn=warn)
         self.fit_info.update(
-            build_seconds=t0 - ti,
-            init_seconds=ti - tb,
+            build_seconds=ti - tb,
+            init_seconds=t0 - ti,
             loglik_seconds=t3 - t2,
             diagnostics_seconds=time.perf_counter() - t3,
         )
