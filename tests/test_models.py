@@ -304,3 +304,30 @@ def test_item_model_recovers_items_and_serves_them(item_sim, tmp_path, monkeypat
     skill_only = ParamTable(dict(table), table.default, model="x")
     assert res_new.n_item_level == 0
     np.testing.assert_array_equal(res_new.p_mastery, replay(df, skill_only).p_mastery)
+
+
+@pytest.mark.slow
+def test_auto_parametrisation_mixes_on_sparse_data():
+    # 8 skills x 40 students with ~6 responses per sequence: the data barely
+    # inform each skill, so "auto" (here by its counts: 40 sequences, ~240
+    # responses per skill) must choose non-centred groups; the data-rich
+    # simulation above is fitted centred and passes every diagnostic.
+    # Measured here: auto 1 divergence in 4,000 draws, R-hat 1.009, bulk ESS
+    # ~600; all-centred 246 divergences, R-hat 1.025.
+    truth = _truth(8, 0)
+    df = simulate(truth, 40, mean_length=6, seed=4)
+    fits = {}
+    for par in ("auto", "centered"):
+        m = BKTModel(parametrization=par)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            m.fit(df, draws=1000, tune=1000, chains=4, random_seed=5, progressbar=False)
+        fits[par] = m
+    auto, centred = fits["auto"], fits["centered"]
+    assert sum(auto.fit_info["centered"].values()) <= 2, auto.fit_info["centered"]
+    d = auto.diagnostics
+    assert d["max_rhat"] <= 1.01 and d["min_ess_bulk"] >= 400 and d["min_ess_tail"] >= 400, d
+    # A few divergences remain in a sparse hierarchical posterior even
+    # non-centred (at most 0.1% of draws); the centred fit has ~50x more.
+    assert d["divergences"] <= 4
+    assert centred.diagnostics["divergences"] >= 10 * max(d["divergences"], 1)
