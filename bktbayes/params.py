@@ -558,41 +558,21 @@ def _check_draws(obj: Any, skills: set[str], where: str) -> dict[str, Any]:
     return {"n": n, "default": one(obj["default"], f"{where}.default"), "skills": out_skills}
 
 
+_FIELDS_V1 = frozenset({"schema_version", "model", "created", "default", "skills", "metadata"})
+_FIELDS_V2 = _FIELDS_V1 | {"students", "draws"}
+_FIELDS_V3 = _FIELDS_V2 | {"items"}
+
+
 def _parse_v1(doc: Mapping[str, Any]) -> ParamTable:
-    return _parse(doc, {"schema_version", "model", "created", "default", "skills", "metadata"})
+    return _parse(doc, set(_FIELDS_V1))
 
 
 def _parse_v2(doc: Mapping[str, Any]) -> ParamTable:
-    return _parse(
-        doc,
-        {
-            "schema_version",
-            "model",
-            "created",
-            "default",
-            "skills",
-            "students",
-            "draws",
-            "metadata",
-        },
-    )
+    return _parse(doc, set(_FIELDS_V2))
 
 
 def _parse_v3(doc: Mapping[str, Any]) -> ParamTable:
-    return _parse(
-        doc,
-        {
-            "schema_version",
-            "model",
-            "created",
-            "default",
-            "skills",
-            "students",
-            "items",
-            "draws",
-            "metadata",
-        },
-    )
+    return _parse(doc, set(_FIELDS_V3))
 
 
 def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:

@@ -103,18 +103,7 @@ def test_gradient_equals_finite_differences(forgetting):
 
 def _mp_forward(y, p0, t, g, s, f):
     """Forward algorithm at 50 significant digits; returns log-likelihood."""
-    mpmath.mp.dps = 50
-    p, q = mpmath.mpf(p0), 1 - mpmath.mpf(p0)
-    t, g, s, f = (mpmath.mpf(x) for x in (t, g, s, f))
-    ll = mpmath.mpf(0)
-    for obs in y:
-        a = (1 - s) if obs else s
-        b = g if obs else (1 - g)
-        lik = p * a + q * b
-        ll += mpmath.log(lik)
-        pp, pq = p * a / lik, q * b / lik
-        p, q = pp * (1 - f) + pq * t, pp * f + pq * (1 - t)
-    return ll
+    return _mp_forward_events(y, p0, t, [g] * len(y), [s] * len(y), f)
 
 
 @pytest.mark.parametrize("forgetting", [False, True])
@@ -325,6 +314,7 @@ def _mp_forward_events(y, p0, t, gs, ss, f):
     t, f = mpmath.mpf(t), mpmath.mpf(f)
     ll = mpmath.mpf(0)
     for obs, g, s in zip(y, gs, ss, strict=True):
+        g, s = mpmath.mpf(g), mpmath.mpf(s)
         a = (1 - s) if obs else s
         b = g if obs else (1 - g)
         lik = p * a + q * b
