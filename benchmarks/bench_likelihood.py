@@ -121,7 +121,8 @@ def main() -> None:
         ok = "no target" if target is None else ("ok" if ns <= target else "MISSED")
         rows.append((label, ns, target, ns_scan, ok))
         print(
-            f"{label:<28} {ns:6.2f} ns/obs (target <= {target}) {ok};  scan twin "
+            f"{label:<28} {ns:6.2f} ns/obs "
+            f"{'(no target)' if target is None else f'(target <= {target}) {ok}'};  scan twin "
             f"{ns_scan:8.1f} ns/obs;  kernel model x{ns_scan / ns:,.0f} faster;  "
             f"compile {t_compile:.1f} s"
         )
