@@ -98,7 +98,7 @@ def _draw_tables(table: ParamTable) -> list[ParamTable]:
                 at(d["default"]),
                 students=table.students,
                 # Item-level guess/slip are exported as posterior means only.
-                items=table.items,
+                items=table.item_params,
                 model="draw",
                 created=table.created,
             )

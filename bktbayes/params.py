@@ -304,7 +304,8 @@ class ParamTable(Mapping[str, BKTParams]):
         self.draws: dict[str, Any] | None = (
             _check_draws(draws, set(self._skills), "draws") if draws is not None else None
         )
-        self.items: dict[str, dict[str, tuple[float, float]]] | None = (
+        # Not ``items``: that is the Mapping method.
+        self.item_params: dict[str, dict[str, tuple[float, float]]] | None = (
             _check_items(items, self._skills, "items") if items is not None else None
         )
 
@@ -359,8 +360,8 @@ class ParamTable(Mapping[str, BKTParams]):
         skill's (an item the fit never saw keeps the skill's).
         """
         p = self.lookup(skill)[0]
-        if item is not None and self.items:
-            gs = self.items.get(str(skill), {}).get(str(item))
+        if item is not None and self.item_params:
+            gs = self.item_params.get(str(skill), {}).get(str(item))
             if gs is not None:
                 p = BKTParams(p.p_init, p.p_transit, gs[0], gs[1], p.p_forget)
         if user is None or not self.students:
@@ -404,10 +405,10 @@ class ParamTable(Mapping[str, BKTParams]):
             "skills": skills,
             "students": self.students,
             "items": None
-            if self.items is None
+            if self.item_params is None
             else {
                 sk: {it: {"p_guess": g, "p_slip": sl} for it, (g, sl) in d.items()}
-                for sk, d in self.items.items()
+                for sk, d in self.item_params.items()
             },
             "draws": self.draws,
             "metadata": self.metadata,
@@ -517,7 +518,7 @@ def _check_items(
         vals = {}
         for item, d in table.items():
             w = f"{where}[{code!r}][{item!r}]"
-            if isinstance(d, tuple) and len(d) == 2:  # the parsed form, ParamTable.items
+            if isinstance(d, tuple) and len(d) == 2:  # the parsed form, ParamTable.item_params
                 d = {"p_guess": d[0], "p_slip": d[1]}
             _require_fields(d, w, ("p_guess", "p_slip"), what="an object with p_guess and p_slip")
             try:

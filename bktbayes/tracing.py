@@ -482,7 +482,7 @@ def _item_guess_slip(
     pg = np.full(pair.size, np.nan)
     ps = np.full(pair.size, np.nan)
     for k, key in enumerate(pair):
-        table = params.items.get(str(_plain(skill_values[key // uniq.size])), {})
+        table = params.item_params.get(str(_plain(skill_values[key // uniq.size])), {})
         gs = table.get(str(uniq[key % uniq.size]))
         if gs is not None:
             pg[k], ps[k] = gs
@@ -740,7 +740,7 @@ def replay(
     if batch_arr is not None:
         batch_arr, _ = factorize(batch_arr)
     items = None
-    if isinstance(params, ParamTable) and params.items:
+    if isinstance(params, ParamTable) and params.item_params:
         items = _column(events, cols.get("item_id", "item_id"), required=False)
         if items is not None and len(items) != n:
             raise ValueError(
@@ -841,7 +841,7 @@ def replay_packed(
 
     ev_g = ev_s = None
     n_item_level = 0
-    if items is not None and isinstance(params, ParamTable) and params.items:
+    if items is not None and isinstance(params, ParamTable) and params.item_params:
         ev_g, ev_s, n_item_level = _item_guess_slip(packed, params, skill_values, items, mat)
 
     def run(sp: np.ndarray) -> np.ndarray:

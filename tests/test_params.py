@@ -279,9 +279,11 @@ def test_version_3_items_round_trip_and_fallback(tmp_path):
         items={"fractions": {"p17": {"p_guess": 0.3, "p_slip": 0.05}}},
     )
     back = ParamTable.from_json(t3.to_json(tmp_path / "p.json"))
-    assert back == t3 and back.items == {"fractions": {"p17": (0.3, 0.05)}}
+    assert back == t3 and back.item_params == {"fractions": {"p17": (0.3, 0.05)}}
     # A table's parsed items build another table (per-draw tables do this).
-    assert ParamTable(dict(back), back.default, items=back.items).items == back.items
+    assert (
+        ParamTable(dict(back), back.default, items=back.item_params).item_params == back.item_params
+    )
     p = back.params_for("fractions", item="p17")
     assert (p.p_guess, p.p_slip) == (0.3, 0.05)
     assert p.p_init == back["fractions"].p_init
@@ -310,7 +312,17 @@ def test_version_2_files_are_still_read(tmp_path):
     doc["schema_version"] = 2
     del doc["items"]
     back = ParamTable.from_json(_write(tmp_path, doc))
-    assert back.n_draws == 3 and back.items is None
+    assert back.n_draws == 3 and back.item_params is None
     doc["items"] = None
     with pytest.raises(ParamFileError, match="unknown field.*items"):
         ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_table_is_a_mapping_with_item_params():
+    # ``items`` stays the Mapping method (an attribute of that name shadowed
+    # it once); item-level parameters live in ``item_params``.
+    t = ParamTable(
+        {"a": BKTParams()}, items={"a": {"i1": {"p_guess": 0.3, "p_slip": 0.1}}}, model="x"
+    )
+    assert dict(t.items()) == {"a": BKTParams()}
+    assert t.item_params == {"a": {"i1": (0.3, 0.1)}}

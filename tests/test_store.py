@@ -39,7 +39,10 @@ def _table(seed_val: int = 3) -> ParamTable:
         )
         for i in range(4)
     }
-    return ParamTable(skills, BKTParams(0.25, 0.1, 0.2, 0.1), model="test")
+    # A fixed creation time: the same seed gives the same table and version.
+    return ParamTable(
+        skills, BKTParams(0.25, 0.1, 0.2, 0.1), model="test", created="2026-01-01T00:00:00+00:00"
+    )
 
 
 def _reference_rows(store: MasteryStore, params: ParamTable) -> dict[tuple[str, str], float]:
