@@ -722,8 +722,9 @@ class BKTModel:
             out["p_transit"] = np.take(stack("p_transit"), sk, axis=1)
             if self.config.forgetting:
                 out["p_forget"] = np.take(stack("p_forget"), sk, axis=1)
-        out["p_guess"] = np.take(stack("p_guess"), sk, axis=1)
-        out["p_slip"] = np.take(stack("p_slip"), sk, axis=1)
+        if not self.config.item_effects:  # item models: item_natural() instead
+            out["p_guess"] = np.take(stack("p_guess"), sk, axis=1)
+            out["p_slip"] = np.take(stack("p_slip"), sk, axis=1)
         return out
 
     def item_natural(self, post) -> tuple[np.ndarray, np.ndarray]:

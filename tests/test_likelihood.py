@@ -101,6 +101,18 @@ def test_gradient_equals_finite_differences(forgetting):
         np.testing.assert_allclose(grad[k], fd, rtol=1e-6, atol=1e-6)
 
 
+def _mastery_then_errors(seed, n=1200):
+    """Long runs of correct answers (P(mastery) within 1e-15 of 1), then
+    runs of errors, as one packed sequence."""
+    rng = np.random.default_rng(seed)
+    y = []
+    while len(y) < n:
+        y += [1] * int(rng.integers(50, 200)) + [0] * int(rng.integers(1, 12))
+    y = np.array(y[:n], dtype=np.uint8)
+    zero = np.zeros(y.size, dtype=np.int64)
+    return y, pack_codes(zero, zero, np.arange(y.size), y), rng
+
+
 def _mp_forward(y, p0, t, g, s, f):
     """Forward algorithm at 50 significant digits; returns log-likelihood."""
     return _mp_forward_events(y, p0, t, [g] * len(y), [s] * len(y), f)
@@ -112,14 +124,7 @@ def test_long_sequences_with_errors_after_mastery(forgetting):
     # 1e-15 of 1, then runs of errors. The unstable form 1 - G - p (1 - S - G)
     # goes nan here; the kernel must match 50-digit arithmetic, value and
     # gradient (mpmath central differences with h = 1e-20).
-    rng = np.random.default_rng(3)
-    y = []
-    while len(y) < 1200:
-        y += [1] * int(rng.integers(50, 200)) + [0] * int(rng.integers(1, 12))
-    y = np.array(y[:1200], dtype=np.uint8)
-    pk = pack_codes(
-        np.zeros(y.size, dtype=np.int64), np.zeros(y.size, dtype=np.int64), np.arange(y.size), y
-    )
+    y, pk, _ = _mastery_then_errors(3)
     theta = [0.4, 0.3, 0.25, 0.002, 0.01 if forgetting else 0.0]
     prm = [np.array([v]) for v in theta[:4]] + [np.array([theta[4]]) if forgetting else None]
     out = np.empty(1)
@@ -330,14 +335,8 @@ def test_item_kernel_long_sequence_with_errors_after_mastery(forgetting):
     # backward adjoints must stay finite and match 50-digit arithmetic.
     from bktbayes.likelihood import item_logp_grad
 
-    rng = np.random.default_rng(13)
-    y = []
-    while len(y) < 1200:
-        y += [1] * int(rng.integers(50, 200)) + [0] * int(rng.integers(1, 12))
-    y = np.array(y[:1200], dtype=np.uint8)
+    y, pk, rng = _mastery_then_errors(13)
     items = rng.integers(0, 3, y.size)
-    zero = np.zeros(y.size, dtype=np.int64)
-    pk = pack_codes(zero, zero, np.arange(y.size), y)
     ig = [0.25, 0.15, 0.35]
     isl = [0.002, 0.01, 0.005]
     theta = [0.4, 0.3, 0.01 if forgetting else 0.0]
