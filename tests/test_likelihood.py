@@ -35,16 +35,8 @@ def _seq_responses(pk, correct, q):
 
 
 def _brute_force(y, p0, t, g, s, f):
-    total = 0.0
-    for path in itertools.product([0, 1], repeat=len(y)):
-        pr = p0 if path[0] else 1 - p0
-        for k, (m, obs) in enumerate(zip(path, y, strict=True)):
-            pr *= ((1 - s) if obs else s) if m else (g if obs else 1 - g)
-            if k + 1 < len(y):
-                nxt = path[k + 1]
-                pr *= ((1 - f) if nxt else f) if m else (t if nxt else 1 - t)
-        total += pr
-    return np.log(total)
+    """Sum over every hidden path (same guess and slip for every response)."""
+    return _brute_force_events(y, p0, t, [g] * len(y), [s] * len(y), f)
 
 
 def _params(rng, n, forgetting):
