@@ -39,6 +39,7 @@ __all__ = [
     "forward_logp_events",
     "forward_logp_grad",
     "item_logp_grad",
+    "prefix_total_logp_grad",
 ]
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -180,6 +181,7 @@ def forward_logp_grad(
     p_forget,
     out_logp,
     out_grad,
+    init_state=None,
 ):
     """Per-sequence log-likelihood and its gradient (forward-mode).
 
@@ -192,6 +194,10 @@ def forward_logp_grad(
         Written: derivatives of each sequence's log-likelihood with respect to
         its ``p_init``, ``p_transit``, ``p_guess``, ``p_slip`` and ``p_forget``
         (row 4 is left untouched when ``p_forget`` is None).
+    init_state : float64 array, shape (7, n_seqs), optional
+        Start each sequence from this predicted state instead of ``p_init``:
+        rows ``p``, ``q`` and ``d p / d`` (init, transit, guess, slip,
+        forget), as left by the steps before it (the prefix trie's suffixes).
 
     Notes
     -----
@@ -211,13 +217,19 @@ def forward_logp_grad(
         q0 = block_seq[b]
         m = block_seq[b + 1] - q0
         for j in range(m):
-            W[_P * _BS + j] = p_init[q0 + j]
-            W[_Q * _BS + j] = 1.0 - p_init[q0 + j]
+            if init_state is None:
+                W[_P * _BS + j] = p_init[q0 + j]
+                W[_Q * _BS + j] = 1.0 - p_init[q0 + j]
+                W[_DP * _BS + j] = 1.0
+                for k in range(1, 5):
+                    W[(_DP + k) * _BS + j] = 0.0
+            else:
+                W[_P * _BS + j] = init_state[0, q0 + j]
+                W[_Q * _BS + j] = init_state[1, q0 + j]
+                for k in range(5):
+                    W[(_DP + k) * _BS + j] = init_state[2 + k, q0 + j]
             W[_PR * _BS + j] = 1.0
             W[_LL * _BS + j] = 0.0
-            W[_DP * _BS + j] = 1.0
-            for k in range(1, 5):
-                W[(_DP + k) * _BS + j] = 0.0
             for k in range(5):
                 W[(_G + k) * _BS + j] = 0.0
             W[_PS * _BS + j] = p_slip[q0 + j]
@@ -660,6 +672,176 @@ def skill_total_logp_grad(
         total += logp[q]
         for k in range(5):
             out_grad[k, s] += grad[k, q]
+    return total
+
+
+@nb.njit(**_JIT_FMA)
+def prefix_total_logp_grad(
+    node_parent,
+    node_skill,
+    node_y,
+    node_w,
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    suf_node,
+    suf_skill,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out_grad,
+):
+    """Total log-likelihood and per-skill gradient over a prefix-trie layout.
+
+    The same quantity as :func:`skill_total_logp_grad`, computed on
+    :class:`bktbayes.packing.PrefixLayout`: each trie node's step (its
+    log-likelihood term and forward-mode derivatives) is taken once and
+    weighted by the sequences that pass through it; the suffixes run in the
+    lockstep kernel from their node's state, derivatives included.
+
+    Parameters
+    ----------
+    node_parent, node_skill, node_y, node_w
+        The trie (:class:`bktbayes.packing.PrefixLayout`).
+    correct, block_seq, block_ev, step_ptr, step_count
+        The suffixes' lockstep layout.
+    suf_node, suf_skill : int64 arrays, shape (n_suffixes,)
+    p_init, p_transit, p_guess, p_slip : float64 arrays, shape (n_skills,)
+    p_forget : float64 array, shape (n_skills,), or None
+    out_grad : float64 array, shape (5, n_skills)
+        Written: d total / d parameter (row 4 zero without forgetting).
+
+    Returns
+    -------
+    float
+        The total log-likelihood (nats).
+    """
+    n_nodes = node_parent.shape[0]
+    # Row per node (7 contiguous values), so a child's gather of its parent's
+    # state is one cache line: p, q, d p / d (init, transit, guess, slip, forget).
+    S = np.empty((n_nodes, 7))
+    out_grad[:] = 0.0
+    total = 0.0
+    for k in range(n_nodes):
+        s = node_skill[k]
+        par = node_parent[k]
+        if par < 0:
+            p = p_init[s]
+            q = 1.0 - p
+            d0 = 1.0
+            d1 = 0.0
+            d2 = 0.0
+            d3 = 0.0
+            d4 = 0.0
+        else:
+            p = S[par, 0]
+            q = S[par, 1]
+            d0 = S[par, 2]
+            d1 = S[par, 3]
+            d2 = S[par, 4]
+            d3 = S[par, 5]
+            d4 = S[par, 6]
+        c = node_y[k] != 0
+        sl = p_slip[s]
+        g = p_guess[s]
+        t = p_transit[s]
+        f = 0.0 if p_forget is None else p_forget[s]
+        a = (1.0 - sl) if c else sl
+        bb = g if c else (1.0 - g)
+        sa = -1.0 if c else 1.0
+        sb = 1.0 if c else -1.0
+        pa = p * a
+        qb = q * bb
+        lik = pa + qb
+        inv = 1.0 / lik
+        pp = pa * inv
+        pq = qb * inv
+        keep = 1.0 - f - t
+        inv2 = inv * inv
+        r = a * bb * inv2
+        w = p * q * inv2
+        amb = a - bb
+        wt = node_w[k]
+        total += wt * np.log(lik)
+        winv = wt * inv
+        out_grad[0, s] += d0 * amb * winv
+        out_grad[1, s] += d1 * amb * winv
+        out_grad[2, s] += (d2 * amb + q * sb) * winv
+        out_grad[3, s] += (d3 * amb + p * sa) * winv
+        S[k, 0] = pp * (1.0 - f) + pq * t
+        S[k, 1] = pp * f + pq * (1.0 - t)
+        S[k, 2] = d0 * r * keep
+        S[k, 3] = d1 * r * keep + pq
+        S[k, 4] = (d2 * r - w * a * sb) * keep
+        S[k, 5] = (d3 * r + w * bb * sa) * keep
+        if p_forget is None:
+            S[k, 6] = 0.0
+        else:
+            out_grad[4, s] += d4 * amb * winv
+            S[k, 6] = d4 * r * keep - pp
+    n_suf = suf_node.shape[0]
+    if n_suf == 0:
+        return total
+    init = np.empty((7, n_suf))
+    pi = np.empty(n_suf)
+    pt = np.empty(n_suf)
+    pg = np.empty(n_suf)
+    ps = np.empty(n_suf)
+    pf = np.zeros(n_suf)
+    for j in range(n_suf):
+        nd = suf_node[j]
+        for k in range(7):
+            init[k, j] = S[nd, k]
+        s = suf_skill[j]
+        pi[j] = p_init[s]
+        pt[j] = p_transit[s]
+        pg[j] = p_guess[s]
+        ps[j] = p_slip[s]
+        if p_forget is not None:
+            pf[j] = p_forget[s]
+    logp = np.empty(n_suf)
+    grad = np.zeros((5, n_suf))
+    if p_forget is None:
+        forward_logp_grad(
+            correct,
+            block_seq,
+            block_ev,
+            step_ptr,
+            step_count,
+            pi,
+            pt,
+            pg,
+            ps,
+            None,
+            logp,
+            grad,
+            init,
+        )
+    else:
+        forward_logp_grad(
+            correct,
+            block_seq,
+            block_ev,
+            step_ptr,
+            step_count,
+            pi,
+            pt,
+            pg,
+            ps,
+            pf,
+            logp,
+            grad,
+            init,
+        )
+    for j in range(n_suf):
+        s = suf_skill[j]
+        total += logp[j]
+        for k in range(5):
+            out_grad[k, s] += grad[k, j]
     return total
 
 

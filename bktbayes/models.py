@@ -241,8 +241,9 @@ class BKTModel:
         self._packed: PackedEvents | None = None
         self.diagnostics: dict[str, Any] | None = None
         self.fit_info: dict[str, Any] = {}
-        # "kernel" (the numba Op) or "scan" (the slow pytensor.scan twin, for
-        # benchmarks and tests only).
+        # "kernel" (the numba Ops; per-skill models share prefixes), "lockstep"
+        # (per-skill models stepping every sequence) or "scan" (the slow
+        # pytensor.scan twin); the last two for benchmarks and tests only.
         self._likelihood = "kernel"
 
     def __repr__(self) -> str:
@@ -326,7 +327,17 @@ class BKTModel:
         import pytensor
         import pytensor.tensor as pt
 
-        from .ops import bkt_item_loglik, bkt_loglik, bkt_skill_loglik, layout_inputs, scan_loglik
+        from .likelihood import LIKELIHOOD_BLOCK_SIZE
+        from .ops import (
+            bkt_item_loglik,
+            bkt_loglik,
+            bkt_prefix_loglik,
+            bkt_skill_loglik,
+            layout_inputs,
+            prefix_inputs,
+            scan_loglik,
+        )
+        from .packing import prefix_layout
 
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
@@ -455,11 +466,24 @@ class BKTModel:
                 total = bkt_loglik(
                     data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
                 ).sum()
-            else:
-                # Parameters per skill: the kernel gathers and sums itself.
+            elif self._likelihood == "lockstep":
+                # Parameters per skill, every sequence stepped (the reference
+                # for the prefix layout; kept for the benchmark).
                 data = layout_inputs(pk)
                 sk_data = pytensor.shared(seq_skill.astype(np.int64), name="bkt_seq_skill")
                 total = bkt_skill_loglik(data, sk_data, p_init_s, p_tr_s, g_s, s_s, f_s)
+            else:
+                # Parameters per skill: sequences of a skill that start alike
+                # share those steps (a prefix trie), the rest runs lockstep.
+                y_csr = pk.from_lockstep(pk.lock_correct)[pk.csr_row]
+                layout = prefix_layout(
+                    seq_skill,
+                    pk.seq_start,
+                    pk.seq_len,
+                    y_csr,
+                    block_size=LIKELIHOOD_BLOCK_SIZE,
+                )
+                total = bkt_prefix_loglik(prefix_inputs(layout), p_init_s, p_tr_s, g_s, s_s, f_s)
             pm.Potential("loglik", total)
         self.model = model
         return model

@@ -27,18 +27,22 @@ from .likelihood import (
     LIKELIHOOD_BLOCK_SIZE,
     forward_logp_grad,
     item_logp_grad,
+    prefix_total_logp_grad,
     skill_total_logp_grad,
 )
-from .packing import Packed
+from .packing import Packed, PrefixLayout
 
 __all__ = [
     "BKTItemLogLik",
     "BKTLogLik",
+    "BKTPrefixLogLik",
     "BKTSkillLogLik",
     "bkt_item_loglik",
     "bkt_loglik",
+    "bkt_prefix_loglik",
     "bkt_skill_loglik",
     "layout_inputs",
+    "prefix_inputs",
     "scan_loglik",
 ]
 
@@ -248,6 +252,114 @@ def bkt_skill_loglik(data: list, seq_skill, p_init, p_transit, p_guess, p_slip, 
     op = BKTSkillLogLik(forgetting=p_forget is not None)
     params = [p_init, p_transit, p_guess, p_slip] + ([p_forget] if p_forget is not None else [])
     return op(*data, seq_skill, *params)[0]
+
+
+class BKTPrefixLogLik(_KernelOp):
+    """Total BKT log-likelihood from per-skill parameters, prefixes shared.
+
+    The same value and gradient as :class:`BKTSkillLogLik`, computed on the
+    prefix-trie layout (:class:`bktbayes.packing.PrefixLayout`): sequences of
+    a skill that start with the same responses share those steps.
+
+    Inputs: the trie (``node_parent``, ``node_skill`` int64, ``node_y``
+    uint8, ``node_w`` float64), the suffixes' five lockstep data inputs,
+    ``suf_node`` and ``suf_skill`` (int64), then ``p_init``, ``p_transit``,
+    ``p_guess``, ``p_slip`` (and ``p_forget``) per skill. Outputs: the total
+    (0-d) and its gradient (5, n_skills).
+    """
+
+    n_data = 4 + _N_DATA + 2
+
+    def _outputs(self) -> list:
+        return [pt.dscalar("logp"), pt.dmatrix("grad")]
+
+    def perform(self, node, inputs, output_storage):
+        data = [np.ascontiguousarray(x) for x in inputs[: self.n_data]]
+        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
+        grad = np.zeros((5, p[0].shape[0]))
+        pf = p[4] if self.forgetting else None
+        total = prefix_total_logp_grad(*data, p[0], p[1], p[2], p[3], pf, grad)
+        output_storage[0][0] = np.asarray(total)
+        output_storage[1][0] = grad
+
+    def infer_shape(self, node, shapes):
+        return [(), (5, shapes[self.n_data][0])]
+
+
+@numba_basic.numba_njit
+def _prefix_kernel_call(
+    npar, nsk, ny, nw, correct, bseq, bev, sptr, scount, snode, sskill, pi, pt_, pg, ps, pf
+):
+    c = np.ascontiguousarray
+    grad = np.zeros((5, pi.shape[0]))
+    total = prefix_total_logp_grad(
+        c(npar),
+        c(nsk),
+        c(ny),
+        c(nw),
+        c(correct),
+        c(bseq),
+        c(bev),
+        c(sptr),
+        c(scount),
+        c(snode),
+        c(sskill),
+        c(pi),
+        c(pt_),
+        c(pg),
+        c(ps),
+        None if pf is None else c(pf),
+        grad,
+    )
+    return np.asarray(total), grad
+
+
+@register_funcify_default_op_cache_key(BKTPrefixLogLik)
+def _numba_funcify_bkt_prefix_loglik(op, node=None, **kwargs):
+    if op.forgetting:
+
+        @numba_basic.numba_njit
+        def bkt_prefix_loglik_forget(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps, pf):
+            return _prefix_kernel_call(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps, pf)
+
+        return bkt_prefix_loglik_forget, _CACHE_VERSION
+
+    @numba_basic.numba_njit
+    def bkt_prefix_loglik(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps):
+        return _prefix_kernel_call(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps, None)
+
+    return bkt_prefix_loglik, _CACHE_VERSION
+
+
+def prefix_inputs(layout: PrefixLayout, *, shared: bool = True) -> list:
+    """The data inputs of :class:`BKTPrefixLogLik` for a prefix layout."""
+    sp = layout.suffix
+    arrays = [
+        ("node_parent", layout.node_parent, np.int64),
+        ("node_skill", layout.node_skill, np.int64),
+        ("node_y", layout.node_y, np.uint8),
+        ("node_w", layout.node_w, np.float64),
+        ("suf_correct", sp.lock_correct, np.uint8),
+        ("suf_block_seq", sp.block_seq, np.int64),
+        ("suf_block_ev", sp.block_ev, np.int64),
+        ("suf_step_ptr", sp.step_ptr, np.int64),
+        ("suf_step_count", sp.step_count, np.int32),
+        ("suf_node", layout.suf_node, np.int64),
+        ("suf_skill", layout.suf_skill, np.int64),
+    ]
+    out = []
+    for name, x, dt in arrays:
+        x = np.ascontiguousarray(x, dtype=dt)
+        out.append(pytensor.shared(x, name=f"bkt_{name}") if shared else x)
+    return out
+
+
+def bkt_prefix_loglik(data: list, p_init, p_transit, p_guess, p_slip, p_forget=None):
+    """Total log-likelihood (a PyTensor scalar) from per-skill parameters,
+    on the prefix layout (``data`` from :func:`prefix_inputs`)."""
+    op = BKTPrefixLogLik(forgetting=p_forget is not None)
+    params = [p_init, p_transit, p_guess, p_slip] + ([p_forget] if p_forget is not None else [])
+    return op(*data, *params)[0]
 
 
 class BKTItemLogLik(_KernelOp):

@@ -28,7 +28,16 @@ from functools import cached_property
 import numba as nb
 import numpy as np
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "Packed", "default_threads", "minmax", "pack_codes"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "PREFIX_NODE_COST",
+    "Packed",
+    "PrefixLayout",
+    "default_threads",
+    "minmax",
+    "pack_codes",
+    "prefix_layout",
+]
 
 #: Sequences per lockstep block: enough lanes to fill the vector units and
 #: amortise the loop overhead, small enough for the state to stay in L1.
@@ -564,4 +573,150 @@ def pack_codes(
         seq_correct=seq_flag if has_correct else None,
         _sorted=sv,
         _row_mask=row_mask,
+    )
+
+
+#: Cost of one prefix-trie node relative to one event of the lockstep kernel
+#: (a trie node is a scalar step with a gather, a logarithm and a scatter to
+#: its skill; a lockstep event is one lane of a vectorised step). Measured on
+#: the bundled data; it only sets where the trie stops, not any result.
+PREFIX_NODE_COST = 3.0
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """Sequences of models with per-skill parameters, sharing their prefixes.
+
+    With the same parameters for every sequence of a skill, two sequences
+    whose first responses agree have the same filtered state after them, so
+    those steps need computing once. The first ``depth`` steps are nodes of a
+    trie per skill, weighted by how many sequences pass through them; the
+    rest of each longer sequence (its suffix) is a lockstep layout that starts
+    from its depth-``depth`` node's state.
+
+    Attributes
+    ----------
+    depth : int
+        Trie levels (>= 1 when there are events).
+    node_parent : int64 array, shape (n_nodes,)
+        Parent node (-1 at level 1); parents come before their children.
+    node_skill : int64 array, shape (n_nodes,)
+    node_y : uint8 array, shape (n_nodes,)
+        The response that leads to the node.
+    node_w : float64 array, shape (n_nodes,)
+        Number of sequences whose prefix reaches the node.
+    suffix : Packed
+        Lockstep layout of the suffixes (responses ``depth`` onwards of the
+        sequences longer than ``depth``).
+    suf_node : int64 array, shape (suffix.n_seqs,)
+        The depth-``depth`` node each suffix continues from.
+    suf_skill : int64 array, shape (suffix.n_seqs,)
+    n_events : int
+        Events represented (trie steps weighted by sequences, plus suffixes).
+    """
+
+    depth: int
+    node_parent: np.ndarray
+    node_skill: np.ndarray
+    node_y: np.ndarray
+    node_w: np.ndarray
+    suffix: Packed
+    suf_node: np.ndarray
+    suf_skill: np.ndarray
+    n_events: int
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.node_parent)
+
+
+def prefix_layout(
+    seq_skill: np.ndarray,
+    seq_start: np.ndarray,
+    seq_len: np.ndarray,
+    y_csr: np.ndarray,
+    *,
+    depth: int | None = None,
+    block_size: int | None = None,
+) -> PrefixLayout:
+    """Build the prefix-sharing layout of a set of sequences.
+
+    Parameters
+    ----------
+    seq_skill, seq_start, seq_len : int arrays, shape (n_seqs,)
+        Skill code, start in ``y_csr`` and length (>= 1) of each sequence.
+    y_csr : 0/1 array, shape (n_events,)
+        Responses, each sequence contiguous and in order.
+    depth : int, optional
+        Trie levels. By default levels are added while a level has fewer
+        nodes than ``1 / PREFIX_NODE_COST`` times the sequences reaching it,
+        i.e. while the trie is cheaper than stepping those sequences.
+    block_size : int, optional
+        Lockstep block size of the suffix layout (default: the likelihood
+        kernel's, ``LIKELIHOOD_BLOCK_SIZE``).
+
+    Returns
+    -------
+    PrefixLayout
+    """
+    if block_size is None:
+        from .likelihood import LIKELIHOOD_BLOCK_SIZE as block_size
+    seq_skill = np.asarray(seq_skill, dtype=np.int64)
+    seq_start = np.asarray(seq_start, dtype=np.int64)
+    seq_len = np.asarray(seq_len, dtype=np.int64)
+    y = np.asarray(y_csr, dtype=np.int64)
+    if depth is not None and depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if (seq_len < 1).any():
+        raise ValueError("every sequence needs at least one response")
+    n_seqs = len(seq_len)
+    cur = np.full(n_seqs, -1, dtype=np.int64)
+    parents, skills, ys, ws = [], [], [], []
+    n_nodes = 0
+    alive = np.arange(n_seqs)
+    d = 0
+    while len(alive) and (depth is None or d < depth):
+        base = seq_skill[alive] if d == 0 else cur[alive]
+        key = base * 2 + y[seq_start[alive] + d]
+        uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+        if depth is None and d > 0 and len(uk) * PREFIX_NODE_COST >= len(alive):
+            break
+        if d == 0:
+            parents.append(np.full(len(uk), -1, dtype=np.int64))
+            skills.append(uk // 2)
+        else:
+            parents.append(uk // 2)
+            skills.append(np.concatenate(skills)[uk // 2])
+        ys.append((uk % 2).astype(np.uint8))
+        ws.append(cnt.astype(np.float64))
+        cur[alive] = n_nodes + inv.ravel()
+        n_nodes += len(uk)
+        d += 1
+        alive = alive[seq_len[alive] > d]
+    # Suffixes: responses d, d + 1, ... of the sequences still alive.
+    suf_len = seq_len[alive] - d
+    total = int(suf_len.sum())
+    owner = np.repeat(np.arange(len(alive)), suf_len)
+    pos = np.arange(total) - np.repeat(np.cumsum(suf_len) - suf_len, suf_len)
+    yy = y[np.repeat(seq_start[alive] + d, suf_len) + pos].astype(np.uint8)
+    suffix = pack_codes(
+        owner,
+        np.zeros(total, dtype=np.int64),
+        pos,
+        yy,
+        n_user=max(len(alive), 1),
+        block_size=block_size,
+    )
+    src = suffix.seq_user
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    return PrefixLayout(
+        depth=d,
+        node_parent=cat(parents, np.int64),
+        node_skill=cat(skills, np.int64),
+        node_y=cat(ys, np.uint8),
+        node_w=cat(ws, np.float64),
+        suffix=suffix,
+        suf_node=np.ascontiguousarray(cur[alive][src]),
+        suf_skill=np.ascontiguousarray(seq_skill[alive][src]),
+        n_events=int(seq_len.sum()),
     )

@@ -389,3 +389,97 @@ def test_draws_logp_items_matches_one_draw_at_a_time():
                 *_layout(pk), pi[d], ptr[d], ig[d][ev_item], isl[d][ev_item], fd, one
             )
             np.testing.assert_array_equal(out[d], one)
+
+
+# ---------------------------------------------------------------------------
+# Prefix sharing (models with per-skill parameters).
+
+
+def _skill_data(rng, n_seq, n_skill, max_len):
+    """Sequences with many shared prefixes: few skills, short responses
+    patterns drawn from a skewed distribution, lengths 1..max_len."""
+    lens = rng.integers(1, max_len + 1, n_seq)
+    user = np.repeat(np.arange(n_seq), lens)
+    skill = np.repeat(rng.integers(0, n_skill, n_seq), lens)
+    correct = (rng.random(user.size) < 0.75).astype(np.uint8)
+    pk = pack_codes(user, skill, np.arange(user.size), correct, block_size=LIKELIHOOD_BLOCK_SIZE)
+    return pk, correct
+
+
+def _prefix_args(pl, prm, out_grad):
+    sp = pl.suffix
+    return (
+        pl.node_parent,
+        pl.node_skill,
+        pl.node_y,
+        pl.node_w,
+        sp.lock_correct,
+        sp.block_seq,
+        sp.block_ev,
+        sp.step_ptr,
+        sp.step_count,
+        pl.suf_node,
+        pl.suf_skill,
+        *prm,
+        out_grad,
+    )
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+@pytest.mark.parametrize("depth", [1, 3, 6, None, 1000])
+def test_prefix_kernel_equals_lockstep_kernel(forgetting, depth):
+    from bktbayes.likelihood import prefix_total_logp_grad, skill_total_logp_grad
+    from bktbayes.packing import prefix_layout
+
+    rng = np.random.default_rng(11)
+    n_skill = 4
+    pk, correct = _skill_data(rng, 400, n_skill, 25)
+    prm = _params(rng, n_skill, forgetting)
+    g_ref = np.zeros((5, n_skill))
+    ref = skill_total_logp_grad(*_layout(pk), pk.seq_skill, *prm, g_ref)
+    pl = prefix_layout(
+        pk.seq_skill,
+        pk.seq_start,
+        pk.seq_len,
+        correct[pk.csr_row],
+        depth=depth,
+        block_size=LIKELIHOOD_BLOCK_SIZE,
+    )
+    # The layout represents every event once: trie steps weighted by the
+    # sequences through them, plus the suffixes.
+    assert pl.node_w.sum() + pl.suffix.n_events == pk.n_events
+    assert pl.n_nodes < pk.n_events  # prefixes were shared
+    if depth == 1000:
+        assert pl.suffix.n_events == 0
+    g = np.zeros((5, n_skill))
+    total = prefix_total_logp_grad(*_prefix_args(pl, prm, g))
+    # Same terms summed in another order: ~n_events * eps relative.
+    assert total == pytest.approx(ref, rel=1e-12)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-9)
+
+
+def test_prefix_kernel_equals_brute_force():
+    from bktbayes.likelihood import prefix_total_logp_grad
+    from bktbayes.packing import prefix_layout
+
+    rng = np.random.default_rng(12)
+    pk, correct = _skill_data(rng, 60, 2, 8)
+    prm = _params(rng, 2, True)
+    pl = prefix_layout(pk.seq_skill, pk.seq_start, pk.seq_len, correct[pk.csr_row], depth=3)
+    total = prefix_total_logp_grad(*_prefix_args(pl, prm, np.zeros((5, 2))))
+    ref = 0.0
+    for q in range(pk.n_seqs):
+        s = pk.seq_skill[q]
+        ref += _brute_force(
+            _seq_responses(pk, correct, q), prm[0][s], prm[1][s], prm[2][s], prm[3][s], prm[4][s]
+        )
+    assert total == pytest.approx(ref, rel=1e-12)
+
+
+def test_prefix_layout_rejects_bad_input():
+    from bktbayes.packing import prefix_layout
+
+    with pytest.raises(ValueError, match="depth"):
+        prefix_layout([0], [0], [1], [1], depth=0)
+    with pytest.raises(ValueError, match="at least one response"):
+        prefix_layout([0, 0], [0, 1], [1, 0], [1], depth=2)

@@ -9,7 +9,7 @@ import pytest
 
 from bktbayes.export import ExportError
 from bktbayes.models import BKTModel, ConvergenceWarning
-from bktbayes.ops import BKTLogLik, BKTSkillLogLik
+from bktbayes.ops import BKTLogLik, BKTPrefixLogLik, BKTSkillLogLik
 from bktbayes.params import BKTParams, ParamTable
 from bktbayes.simulate import simulate
 from bktbayes.tracing import replay
@@ -135,6 +135,7 @@ def test_perform_is_never_called_while_nutpie_samples(sim, monkeypatch):
 
     monkeypatch.setattr(BKTLogLik, "perform", boom)
     monkeypatch.setattr(BKTSkillLogLik, "perform", boom)
+    monkeypatch.setattr(BKTPrefixLogLik, "perform", boom)
     m = BKTModel()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -225,6 +226,28 @@ def test_student_effects_export_offsets(sim):
     s = str(small["skill"].iloc[0])
     assert table.params_for(s, user=u).p_init != table[s].p_init
     assert table.params_for(s, user="new student") == table[s]
+
+
+@pytest.mark.parametrize("kw", [{}, {"forgetting": True}, {"pooling": "none"}])
+def test_prefix_likelihood_equals_lockstep_and_scan_twin(sim, kw):
+    # Per-skill models share response prefixes (the default likelihood); the
+    # same model stepping every sequence, and its plain-scan twin, are the
+    # references.
+    _, df = sim
+    sub = df[df["user_id"] < 80]
+    ms = {}
+    for lk in ("kernel", "lockstep", "scan"):
+        m = BKTModel(**kw)
+        m._likelihood = lk
+        ms[lk] = m.build_model(sub)
+    rng = np.random.default_rng(3)
+    ip = ms["kernel"].initial_point()
+    pt_ = {k: v + rng.normal(0, 0.3, np.shape(v)) for k, v in ip.items()}
+    ref = ms["scan"].compile_logp()(pt_)
+    gref = ms["scan"].compile_dlogp()(pt_)
+    for lk in ("kernel", "lockstep"):
+        assert ms[lk].compile_logp()(pt_) == pytest.approx(ref, rel=1e-12)
+        np.testing.assert_allclose(ms[lk].compile_dlogp()(pt_), gref, rtol=1e-8, atol=1e-9)
 
 
 # --- item-level guess and slip (KT-IDEM) ----------------------------------

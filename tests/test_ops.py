@@ -185,3 +185,36 @@ def test_item_op_matches_scan_twin_and_never_calls_perform(packed, forgetting, m
         rng=np.random.default_rng(7),
         mode="NUMBA",
     )
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_prefix_op_matches_skill_op_and_never_calls_perform(packed, forgetting, monkeypatch):
+    from bktbayes.ops import BKTPrefixLogLik, bkt_prefix_loglik, bkt_skill_loglik, prefix_inputs
+    from bktbayes.packing import prefix_layout
+
+    pk, correct = packed
+
+    def boom(*args, **kwargs):
+        raise AssertionError("BKTPrefixLogLik.perform called: the numba registration was bypassed")
+
+    x = pt.dmatrix("x")
+    p = pt.sigmoid(x)
+    f = (1 - p[1]) * p[4] if forgetting else None
+    layout = prefix_layout(pk.seq_skill, pk.seq_start, pk.seq_len, correct[pk.csr_row], depth=2)
+    sk = pytensor.shared(pk.seq_skill.astype(np.int64))
+    args = (p[0], p[1], p[2] * 0.5, p[3] * 0.5, f)
+    total_p = bkt_prefix_loglik(prefix_inputs(layout), *args)
+    total_s = bkt_skill_loglik(layout_inputs(pk), sk, *args)
+    xv = np.random.default_rng(6).normal(-1, 0.6, (5, int(pk.seq_skill.max()) + 1))
+    fb = pytensor.function([x], [total_s, pytensor.grad(total_s, x)], mode="NUMBA")
+    # perform (object mode) agrees too, and is what the registration bypasses.
+    fo = pytensor.function([x], [total_p, pytensor.grad(total_p, x)], mode="FAST_COMPILE")
+    monkeypatch.setattr(BKTPrefixLogLik, "perform", boom)
+    fa = pytensor.function([x], [total_p, pytensor.grad(total_p, x)], mode="NUMBA")
+    (va, ga), (vb, gb) = fa(xv), fb(xv)
+    assert va == pytest.approx(vb, rel=1e-13)
+    np.testing.assert_allclose(ga, gb, rtol=1e-10, atol=1e-10)
+    monkeypatch.undo()
+    vo, go = fo(xv)
+    assert vo == pytest.approx(vb, rel=1e-13)
+    np.testing.assert_allclose(go, gb, rtol=1e-10, atol=1e-10)
