@@ -708,7 +708,10 @@ def prefix_layout(
         block_size=block_size,
     )
     src = suffix.seq_user
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
+    def cat(xs, dt):
+        return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
     return PrefixLayout(
         depth=d,
         node_parent=cat(parents, np.int64),
