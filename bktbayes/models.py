@@ -716,6 +716,18 @@ class BKTModel:
         )
         return idata
 
+    def _skill_natural(self, post) -> dict[str, np.ndarray]:
+        """Per-draw, per-skill natural parameters, shape (n_draws, n_skills)
+        (models without student or item effects)."""
+        names = ["p_init", "p_transit", "p_guess", "p_slip"]
+        if self.config.forgetting:
+            names.append("p_forget")
+        out = {}
+        for name in names:
+            v = np.asarray(post[name].transpose("chain", "draw", ...).values)
+            out[name] = np.ascontiguousarray(v.reshape(v.shape[0] * v.shape[1], -1))
+        return out
+
     def _seq_natural(self, post) -> dict[str, np.ndarray]:
         """Per-draw, per-sequence natural parameters, shape (n_draws, n_seqs)."""
         pk = self._packed.packed
@@ -787,8 +799,9 @@ class BKTModel:
             if hasattr(idata["posterior"], "to_dataset")
             else idata["posterior"]
         )
-        nat = self._seq_natural(post)
         n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
+        per_skill = not (self.config.item_effects or self.config.student_effects)
+        nat = self._skill_natural(post) if per_skill else self._seq_natural(post)
         ll = np.empty((n_chain * n_draw, pk.n_seqs))
         data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
         pf = np.ascontiguousarray(nat["p_forget"]) if "p_forget" in nat else None
@@ -805,6 +818,7 @@ class BKTModel:
                 *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
                 pf,
                 ll,
+                pk.seq_skill.astype(np.int64) if per_skill else None,
             )
         seq_labels = [
             f"{pe.users[u]}|{pe.skills[s]}" for u, s in zip(pk.seq_user, pk.seq_skill, strict=True)

@@ -195,6 +195,17 @@ def test_draws_logp_matches_one_draw_at_a_time():
             one = np.empty(pk.n_seqs)
             forward_logp(*_layout(pk), *(x[d] for x in prm), None if f is None else f[d], one)
             np.testing.assert_array_equal(out[d], one)
+        # Per-skill columns gathered inside the kernel: the same numbers.
+        col = rng.integers(0, 3, pk.n_seqs)
+        per_col = [x[:, :3].copy() for x in prm]
+        fc = None if f is None else f[:, :3].copy()
+        out_c = np.empty((n_draws, pk.n_seqs))
+        draws_logp(*_layout(pk), *per_col, fc, out_c, col)
+        out_g = np.empty((n_draws, pk.n_seqs))
+        draws_logp(
+            *_layout(pk), *(x[:, col] for x in per_col), None if fc is None else fc[:, col], out_g
+        )
+        np.testing.assert_array_equal(out_c, out_g)
 
 
 # --- item-level guess and slip (forward pass + backward adjoints) ----------
