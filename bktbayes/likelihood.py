@@ -33,6 +33,9 @@ import numba as nb
 import numpy as np
 
 __all__ = [
+    "GS_BOUNDED",
+    "GS_GUESS_FIRST",
+    "GS_ORDERED",
     "LIKELIHOOD_BLOCK_SIZE",
     "draws_logp_items",
     "forward_logp",
@@ -45,6 +48,10 @@ __all__ = [
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 # FMA contraction only (no reassociation): fewer instructions, at least as accurate.
 _JIT_FMA = {**_JIT, "fastmath": {"contract"}}
+
+#: Guess/slip parametrisations of :func:`skill_logp_grad` (see
+#: :class:`bktbayes.models.BKTModel`'s ``guess_slip``).
+GS_ORDERED, GS_GUESS_FIRST, GS_BOUNDED = 0, 1, 2
 
 #: Steps between logarithms of the running likelihood product. A step's
 #: likelihood is at least min(G, 1 - G, S, 1 - S); 8 steps underflow only
@@ -314,17 +321,19 @@ def skill_logp_grad(
     step_count,
     seq_skill,
     logits,
-    ordered,
+    gs_mode,
     out_logp,
     out_grad,
 ):
     """Per-skill log-likelihood and gradient with respect to logit-scale parameters.
 
     The parametrisation of :class:`bktbayes.models.BKTModel`: ``p_init =
-    sigmoid(x0)``, ``p_transit = sigmoid(x1)``; ordered guess/slip ``p_guess =
-    sigmoid(x2)``, ``p_slip = (1 - p_guess) sigmoid(-x3)``, or bounded
-    ``p_guess = sigmoid(x2) / 2``, ``p_slip = sigmoid(x3) / 2``; with a fifth
-    row, ``p_forget = (1 - p_transit) sigmoid(x4)``.
+    sigmoid(x0)``, ``p_transit = sigmoid(x1)``; guess/slip by ``gs_mode``:
+    ``GS_ORDERED`` (slip first) ``p_slip = sigmoid(-x3)``, ``p_guess = (1 -
+    p_slip) sigmoid(x2)``; ``GS_GUESS_FIRST`` ``p_guess = sigmoid(x2)``,
+    ``p_slip = (1 - p_guess) sigmoid(-x3)``; ``GS_BOUNDED`` ``p_guess =
+    sigmoid(x2) / 2``, ``p_slip = sigmoid(x3) / 2``; with a fifth row,
+    ``p_forget = (1 - p_transit) sigmoid(x4)``.
 
     Parameters
     ----------
@@ -333,8 +342,8 @@ def skill_logp_grad(
     seq_skill : int64 array, shape (n_seqs,)
         Skill index of each sequence.
     logits : float64 array, shape (4 or 5, n_skills)
-    ordered : bool
-        Ordered (True) or bounded (False) guess/slip.
+    gs_mode : int
+        ``GS_ORDERED``, ``GS_GUESS_FIRST`` or ``GS_BOUNDED``.
     out_logp : float64 array, shape (n_skills,)
         Written: summed log-likelihood per skill.
     out_grad : float64 array, shape (4 or 5, n_skills)
@@ -348,7 +357,10 @@ def skill_logp_grad(
         nat[0, s] = _sig(logits[0, s])
         nat[1, s] = _sig(logits[1, s])
         sg = _sig(logits[2, s])
-        if ordered:
+        if gs_mode == GS_ORDERED:
+            nat[3, s] = _sig(-logits[3, s])
+            nat[2, s] = _sig(logits[3, s]) * sg
+        elif gs_mode == GS_GUESS_FIRST:
             nat[2, s] = sg
             nat[3, s] = (1.0 - sg) * _sig(-logits[3, s])
         else:
@@ -397,7 +409,12 @@ def skill_logp_grad(
             d_tr -= gn[4, s] * sf  # d forget / d transit = -sigmoid(x4)
             out_grad[4, s] = gn[4, s] * (1.0 - st) * sf * (1.0 - sf)
         out_grad[1, s] = d_tr * st * (1.0 - st)
-        if ordered:
+        if gs_mode == GS_ORDERED:
+            s3 = _sig(logits[3, s])
+            # slip = 1 - s3; guess = s3 sg
+            out_grad[2, s] = gn[2, s] * s3 * sg * (1.0 - sg)
+            out_grad[3, s] = (gn[2, s] * sg - gn[3, s]) * s3 * (1.0 - s3)
+        elif gs_mode == GS_GUESS_FIRST:
             sd = _sig(-logits[3, s])
             # guess = sg; slip = (1 - sg) sd
             out_grad[2, s] = (gn[2, s] - gn[3, s] * sd) * sg * (1.0 - sg)
@@ -413,7 +430,7 @@ def skill_newton(
     seq_skill: np.ndarray,
     x0: np.ndarray,
     *,
-    ordered: bool = True,
+    gs_mode: int = 0,
     ridge: float = 1.0 / 9.0,
     prior_mean: np.ndarray | None = None,
     max_iter: int = 30,
@@ -436,7 +453,7 @@ def skill_newton(
     seq_skill : int64 array, shape (n_seqs,)
     x0 : float64 array, shape (n_par, n_skills)
         Starting logits.
-    ordered : bool
+    gs_mode : int
         Guess/slip parametrisation (see :func:`skill_logp_grad`).
     ridge : float
         Precision of a Normal penalty on the logits around ``prior_mean``
@@ -473,7 +490,7 @@ def skill_newton(
         n_eval += 1
         lp_ = np.zeros(n_skill)
         g_ = np.zeros((n_par, n_skill))
-        skill_logp_grad(*cur_layout, cur_seq_skill, xx, ordered, lp_, g_)
+        skill_logp_grad(*cur_layout, cur_seq_skill, xx, gs_mode, lp_, g_)
         obj = lp_ - 0.5 * ridge * ((xx - mu) ** 2).sum(axis=0)
         return lp_, obj, g_ - ridge * (xx - mu)
 

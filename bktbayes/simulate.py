@@ -13,9 +13,12 @@ for ``p_transit``), with ``z_u`` standard normal.
 Item variation (KT-IDEM): with ``items_per_skill``, each response is to one of
 the skill's items drawn uniformly; item ``i`` of skill ``s`` has
 ``logit p_guess[i] = logit p_guess[s] + sd_guess * z_i`` and a slip offset
-through the model's ordered mapping, ``p_slip[i] = (1 - p_guess[i])
+through a guess-first ordered mapping (the model's
+``guess_slip="ordered_guess_first"``), ``p_slip[i] = (1 - p_guess[i])
 sigmoid(-(x_s + sd_slip * w_i))`` with ``x_s`` the skill's, so that
-``p_guess + p_slip < 1`` holds for every item.
+``p_guess + p_slip < 1`` holds for every item. (Any mapping that keeps the
+ordering generates valid ground truth; the recovery tests compare
+probabilities, not logits.)
 """
 
 from __future__ import annotations

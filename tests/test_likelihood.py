@@ -494,3 +494,46 @@ def test_prefix_layout_rejects_bad_input():
         prefix_layout([0], [0], [1], [1], depth=0)
     with pytest.raises(ValueError, match="at least one response"):
         prefix_layout([0, 0], [0, 1], [1, 0], [1], depth=2)
+
+
+@pytest.mark.parametrize("guess_slip", ["ordered", "ordered_guess_first", "bounded"])
+@pytest.mark.parametrize("n_par", [4, 5])
+def test_skill_logits_kernel_matches_the_model_mapping_and_finite_differences(guess_slip, n_par):
+    # The fast estimate's kernel maps logits to probabilities itself; it must
+    # be the model's mapping (natural_params) and its chain rule must be right.
+    from bktbayes.likelihood import skill_logp_grad
+    from bktbayes.models import GROUPS, _gs_modes, natural_params
+
+    rng = np.random.default_rng(21)
+    lens = rng.integers(1, 30, 90)
+    user = np.repeat(np.arange(90), lens)
+    skill = np.repeat(rng.integers(0, 3, 90), lens)
+    correct = rng.integers(0, 2, user.size).astype(np.uint8)
+    pk = pack_codes(user, skill, np.arange(user.size), correct, block_size=LIKELIHOOD_BLOCK_SIZE)
+    x = rng.normal(-0.5, 0.8, (n_par, 3))
+    mode = _gs_modes()[guess_slip]
+
+    def run(xx):
+        lp, g = np.empty(3), np.empty((n_par, 3))
+        skill_logp_grad(*_layout(pk), pk.seq_skill, xx, mode, lp, g)
+        return lp, g
+
+    lp, g = run(x)
+    nat = natural_params(dict(zip(GROUPS, x, strict=False)), guess_slip)
+    assert np.all(nat["p_guess"] + nat["p_slip"] < 1)
+    per_seq = np.empty(pk.n_seqs)
+    sk = pk.seq_skill
+    forward_logp(
+        *_layout(pk),
+        *(nat[k][sk] for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+        nat["p_forget"][sk] if n_par == 5 else None,
+        per_seq,
+    )
+    np.testing.assert_allclose(lp, np.bincount(sk, weights=per_seq, minlength=3), rtol=1e-12)
+    h = 1e-6
+    for k in range(n_par):
+        e = np.zeros_like(x)
+        e[k] = h
+        fd = (run(x + e)[0] - run(x - e)[0]) / (2 * h)
+        # Central differences on ~100-nat sums: rounding ~1e-16 * 100 / 1e-6.
+        np.testing.assert_allclose(g[k], fd, rtol=1e-6, atol=1e-6)
