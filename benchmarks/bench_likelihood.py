@@ -100,13 +100,20 @@ def main() -> None:
         ("+ forgetting", {"forgetting": True}, 8.0),
         ("+ student effects (init)", {"student_effects": "init"}, 6.0),
         ("+ item guess/slip", {"item_effects": True}, None),
+        # Per-skill models share response prefixes; this row steps every
+        # sequence (the lockstep kernel alone), for the ratio.
+        ("base, no prefix sharing", {"_likelihood": "lockstep"}, None),
         # Measured again last: the first model timed in a process has read
         # slower here, whatever it is.
         ("base (hierarchical), again", {}, 5.0),
     ]
     rows = []
     for label, kw, target in variants:
+        kw = dict(kw)
+        lik = kw.pop("_likelihood", None)
         m = BKTModel(**kw)
+        if lik is not None:
+            m._likelihood = lik
         t0 = time.perf_counter()
         f, a = compiled_logp_dlogp(m.build_model(df), "NUMBA")
         t_compile = time.perf_counter() - t0
