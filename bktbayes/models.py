@@ -909,10 +909,16 @@ class BKTModel:
 
         idata = self.idata if idata is None else idata
         post = idata["posterior"]
+        # The sampled skill variables (``*_raw``, hyperparameters) and the
+        # probabilities the model reports. ``*_logit`` are left out: equal to
+        # ``*_raw`` for centred skills and, for init, transit and slip, a
+        # monotone map of ``p_*`` (same rank-based ESS and R-hat); each
+        # quantity costs about 4 ms here (a third of the time on the bundled
+        # data).
         names = [
             v
             for v in post.data_vars
-            if not v.endswith("_z") and v != "student_init" and v != "student_transit"
+            if not v.endswith(("_z", "_logit")) and v not in ("student_init", "student_transit")
         ]
         ds = post.to_dataset()[names] if hasattr(post, "to_dataset") else post[names]
         rhat = az.rhat(ds)
