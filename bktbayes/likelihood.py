@@ -645,6 +645,7 @@ def skill_total_logp_grad(
     p_slip,
     p_forget,
     out_grad,
+    init_state=None,
 ):
     """Total log-likelihood and its gradient with respect to per-skill parameters.
 
@@ -661,6 +662,8 @@ def skill_total_logp_grad(
     p_forget : float64 array, shape (n_skills,), or None
     out_grad : float64 array, shape (5, n_skills)
         Written: d total / d parameter (row 4 zero without forgetting).
+    init_state : float64 array, shape (7, n_seqs), optional
+        Start states, as in :func:`forward_logp_grad`.
 
     Returns
     -------
@@ -685,11 +688,35 @@ def skill_total_logp_grad(
     grad = np.zeros((5, n_seq))
     if p_forget is None:
         forward_logp_grad(
-            correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, None, logp, grad
+            correct,
+            block_seq,
+            block_ev,
+            step_ptr,
+            step_count,
+            pi,
+            pt,
+            pg,
+            ps,
+            None,
+            logp,
+            grad,
+            init_state,
         )
     else:
         forward_logp_grad(
-            correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, pf, logp, grad
+            correct,
+            block_seq,
+            block_ev,
+            step_ptr,
+            step_count,
+            pi,
+            pt,
+            pg,
+            ps,
+            pf,
+            logp,
+            grad,
+            init_state,
         )
     out_grad[:] = 0.0
     total = 0.0
@@ -813,61 +840,27 @@ def prefix_total_logp_grad(
     if n_suf == 0:
         return total
     init = np.empty((7, n_suf))
-    pi = np.empty(n_suf)
-    pt = np.empty(n_suf)
-    pg = np.empty(n_suf)
-    ps = np.empty(n_suf)
-    pf = np.zeros(n_suf)
     for j in range(n_suf):
         nd = suf_node[j]
         for k in range(7):
             init[k, j] = S[nd, k]
-        s = suf_skill[j]
-        pi[j] = p_init[s]
-        pt[j] = p_transit[s]
-        pg[j] = p_guess[s]
-        ps[j] = p_slip[s]
-        if p_forget is not None:
-            pf[j] = p_forget[s]
-    logp = np.empty(n_suf)
-    grad = np.zeros((5, n_suf))
-    if p_forget is None:
-        forward_logp_grad(
-            correct,
-            block_seq,
-            block_ev,
-            step_ptr,
-            step_count,
-            pi,
-            pt,
-            pg,
-            ps,
-            None,
-            logp,
-            grad,
-            init,
-        )
-    else:
-        forward_logp_grad(
-            correct,
-            block_seq,
-            block_ev,
-            step_ptr,
-            step_count,
-            pi,
-            pt,
-            pg,
-            ps,
-            pf,
-            logp,
-            grad,
-            init,
-        )
-    for j in range(n_suf):
-        s = suf_skill[j]
-        total += logp[j]
-        for k in range(5):
-            out_grad[k, s] += grad[k, j]
+    g_suf = np.empty_like(out_grad)
+    total += skill_total_logp_grad(
+        correct,
+        block_seq,
+        block_ev,
+        step_ptr,
+        step_count,
+        suf_skill,
+        p_init,
+        p_transit,
+        p_guess,
+        p_slip,
+        p_forget,
+        g_suf,
+        init,
+    )
+    out_grad += g_suf
     return total
 
 

@@ -14,6 +14,9 @@ reference for the tests and the benchmark.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
@@ -23,6 +26,7 @@ from pytensor.graph.op import Op
 from pytensor.link.numba.dispatch import basic as numba_basic
 from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
 
+from . import likelihood as likelihood_module
 from .likelihood import (
     LIKELIHOOD_BLOCK_SIZE,
     forward_logp_grad,
@@ -46,8 +50,21 @@ __all__ = [
     "scan_loglik",
 ]
 
-# Bump when the kernel's maths or signature changes: it salts PyTensor's cache key.
-_CACHE_VERSION = 2
+
+def _source_salt() -> int:
+    """Salt for PyTensor's cache key: a hash of the kernels' source.
+
+    A compiled graph cached on disk embeds the kernels it calls, and numba
+    checks only the graph's own source when it loads one; without the salt,
+    an edited kernel could keep running its old compiled code.
+    """
+    h = hashlib.sha256()
+    for path in (likelihood_module.__file__, __file__):
+        h.update(Path(path).read_bytes())
+    return int.from_bytes(h.digest()[:6], "big")
+
+
+_CACHE_VERSION = _source_salt()
 _N_DATA = 5  # correct, block_seq, block_ev, step_ptr, step_count
 
 
@@ -179,7 +196,30 @@ def _numba_funcify_bkt_loglik(op, node=None, **kwargs):
     return bkt_loglik, _CACHE_VERSION
 
 
-class BKTSkillLogLik(_KernelOp):
+class _SkillTotalOp(_KernelOp):
+    """Ops whose kernel returns the total log-likelihood and fills its
+    gradient with respect to per-skill parameters, (5, n_skills); the kernel
+    takes the data inputs, then the parameters, then the gradient array."""
+
+    kernel = None  # a numba kernel, as a staticmethod
+
+    def _outputs(self) -> list:
+        return [pt.dscalar("logp"), pt.dmatrix("grad")]
+
+    def perform(self, node, inputs, output_storage):
+        data = [np.ascontiguousarray(x) for x in inputs[: self.n_data]]
+        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
+        grad = np.zeros((5, p[0].shape[0]))
+        pf = p[4] if self.forgetting else None
+        total = self.kernel(*data, p[0], p[1], p[2], p[3], pf, grad)
+        output_storage[0][0] = np.asarray(total)
+        output_storage[1][0] = grad
+
+    def infer_shape(self, node, shapes):
+        return [(), (5, shapes[self.n_data][0])]
+
+
+class BKTSkillLogLik(_SkillTotalOp):
     """Total BKT log-likelihood from per-skill parameters (models without
     per-student effects).
 
@@ -191,21 +231,7 @@ class BKTSkillLogLik(_KernelOp):
     """
 
     n_data = _N_DATA + 1
-
-    def _outputs(self) -> list:
-        return [pt.dscalar("logp"), pt.dmatrix("grad")]
-
-    def perform(self, node, inputs, output_storage):
-        *data, seq_skill = (np.ascontiguousarray(x) for x in inputs[: self.n_data])
-        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
-        grad = np.zeros((5, p[0].shape[0]))
-        pf = p[4] if self.forgetting else None
-        total = skill_total_logp_grad(*data, seq_skill, p[0], p[1], p[2], p[3], pf, grad)
-        output_storage[0][0] = np.asarray(total)
-        output_storage[1][0] = grad
-
-    def infer_shape(self, node, shapes):
-        return [(), (5, shapes[self.n_data][0])]
+    kernel = staticmethod(skill_total_logp_grad)
 
 
 @numba_basic.numba_njit
@@ -254,7 +280,7 @@ def bkt_skill_loglik(data: list, seq_skill, p_init, p_transit, p_guess, p_slip, 
     return op(*data, seq_skill, *params)[0]
 
 
-class BKTPrefixLogLik(_KernelOp):
+class BKTPrefixLogLik(_SkillTotalOp):
     """Total BKT log-likelihood from per-skill parameters, prefixes shared.
 
     The same value and gradient as :class:`BKTSkillLogLik`, computed on the
@@ -269,21 +295,7 @@ class BKTPrefixLogLik(_KernelOp):
     """
 
     n_data = 4 + _N_DATA + 2
-
-    def _outputs(self) -> list:
-        return [pt.dscalar("logp"), pt.dmatrix("grad")]
-
-    def perform(self, node, inputs, output_storage):
-        data = [np.ascontiguousarray(x) for x in inputs[: self.n_data]]
-        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
-        grad = np.zeros((5, p[0].shape[0]))
-        pf = p[4] if self.forgetting else None
-        total = prefix_total_logp_grad(*data, p[0], p[1], p[2], p[3], pf, grad)
-        output_storage[0][0] = np.asarray(total)
-        output_storage[1][0] = grad
-
-    def infer_shape(self, node, shapes):
-        return [(), (5, shapes[self.n_data][0])]
+    kernel = staticmethod(prefix_total_logp_grad)
 
 
 @numba_basic.numba_njit

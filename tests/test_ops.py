@@ -218,3 +218,17 @@ def test_prefix_op_matches_skill_op_and_never_calls_perform(packed, forgetting, 
     vo, go = fo(xv)
     assert vo == pytest.approx(vb, rel=1e-13)
     np.testing.assert_allclose(go, gb, rtol=1e-10, atol=1e-10)
+
+
+def test_cache_salt_follows_the_kernel_source(tmp_path, monkeypatch):
+    # A compiled graph cached on disk embeds the kernels; the salt of its
+    # cache key must change whenever their source does.
+    import bktbayes.likelihood as lik
+    import bktbayes.ops as ops
+
+    before = ops._source_salt()
+    assert before == ops._CACHE_VERSION
+    edited = tmp_path / "likelihood.py"
+    edited.write_text(open(lik.__file__).read() + "\n# edited\n")
+    monkeypatch.setattr(ops.likelihood_module, "__file__", str(edited))
+    assert ops._source_salt() != before
