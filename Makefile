@@ -43,7 +43,7 @@ endef
 test: $(STAMP)
 	$(VENV)/bin/ruff check bktbayes tests benchmarks notebooks
 	$(call with_pg,$(PY) -m pytest -q)
-	BKTBAYES_NB_SIZE=small $(PY) -m pytest -q -p no:cacheprovider --nbmake notebooks
+	BKTBAYES_NB_SIZE=small $(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=1200 notebooks
 
 test-fast: $(STAMP)
 	$(call with_pg,$(PY) -m pytest -q -m "not slow")
