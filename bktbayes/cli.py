@@ -784,8 +784,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the Bayesian fit (score with the seed defaults only)",
     )
-    d.add_argument("--draws", type=int, default=300, help="posterior draws per chain")
-    d.add_argument("--tune", type=int, default=300, help="tuning steps per chain")
+    d.add_argument("--draws", type=int, default=1000, help="posterior draws per chain")
+    d.add_argument("--tune", type=int, default=1000, help="tuning steps per chain")
     d.add_argument("--chains", type=int, default=4, help="chains")
     d.add_argument("--seed", type=int, default=1, help="random seed")
     d.set_defaults(func=_cmd_demo)
