@@ -678,15 +678,13 @@ def prefix_layout(
     while len(alive) and (depth is None or d < depth):
         base = seq_skill[alive] if d == 0 else cur[alive]
         key = base * 2 + y[seq_start[alive] + d]
-        uk, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+        uk, first, inv, cnt = np.unique(
+            key, return_index=True, return_inverse=True, return_counts=True
+        )
         if depth is None and d > 0 and len(uk) * PREFIX_NODE_COST >= len(alive):
             break
-        if d == 0:
-            parents.append(np.full(len(uk), -1, dtype=np.int64))
-            skills.append(uk // 2)
-        else:
-            parents.append(uk // 2)
-            skills.append(np.concatenate(skills)[uk // 2])
+        parents.append(np.full(len(uk), -1, dtype=np.int64) if d == 0 else uk // 2)
+        skills.append(seq_skill[alive[first]])  # any sequence through the node
         ys.append((uk % 2).astype(np.uint8))
         ws.append(cnt.astype(np.float64))
         cur[alive] = n_nodes + inv.ravel()
