@@ -907,35 +907,35 @@ class BKTModel:
         """
         import arviz as az
 
+        from .diagnostics import ess_bulk, ess_tail, rhat_rank
+
         idata = self.idata if idata is None else idata
         post = idata["posterior"]
         # The sampled skill variables (``*_raw``, hyperparameters) and the
         # probabilities the model reports. ``*_logit`` are left out: equal to
         # ``*_raw`` for centred skills and, for init, transit and slip, a
-        # monotone map of ``p_*`` (same rank-based ESS and R-hat); each
-        # quantity costs about 4 ms here (a third of the time on the bundled
-        # data).
+        # monotone map of ``p_*`` (same rank-based ESS and R-hat).
         names = [
             v
             for v in post.data_vars
             if not v.endswith(("_z", "_logit")) and v not in ("student_init", "student_transit")
         ]
-        ds = post.to_dataset()[names] if hasattr(post, "to_dataset") else post[names]
-        rhat = az.rhat(ds)
-        ess_b = az.ess(ds, method="bulk")
-        ess_t = az.ess(ds, method="tail")
-
-        def flat(d):
-            items = []
-            for v in d.data_vars:
-                arr = np.atleast_1d(d[v].values).ravel()
-                labels = _labels(d[v])
-                items += list(zip(labels, arr, strict=True))
-            return items
-
-        r_items = flat(rhat)
-        eb_items = flat(ess_b)
-        et_items = flat(ess_t)
+        # ArviZ's rank-normalised R-hat and bulk/tail ESS, computed for all
+        # parameters at once (bktbayes.diagnostics; equal to az.rhat/az.ess
+        # to rounding, tested): ArviZ takes ~4 ms per parameter and method.
+        labels: list[str] = []
+        cols = []
+        for v in names:
+            da = post[v]
+            n_chain, n_draw = da.sizes["chain"], da.sizes["draw"]
+            da = da.transpose("chain", "draw", ...)
+            cols.append(np.asarray(da.values, dtype=float).reshape(n_chain, n_draw, -1))
+            labels += _labels(da.isel(chain=0, draw=0, drop=True))
+        draws = np.concatenate(cols, axis=2)
+        r_items = list(zip(labels, rhat_rank(draws), strict=True))
+        eb_items = list(zip(labels, ess_bulk(draws), strict=True))
+        tail_prob = float(az.rcParams["stats.ci_prob"])
+        et_items = list(zip(labels, ess_tail(draws, tail_prob), strict=True))
         stats = idata["sample_stats"]
         div = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
         energy = np.asarray(stats["energy"]) if "energy" in stats else None

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import warnings
 
+import arviz as az
 import numpy as np
 import pytest
 
@@ -114,6 +115,13 @@ def test_fit_recovers_parameters_and_converges(sim, fitted):
     assert d["ok"], d
     assert d["max_rhat"] <= 1.01 and d["divergences"] == 0
     post = idata["posterior"]
+    # The reported figures are ArviZ's, over the same variables.
+    names = [v for v in post.data_vars if not v.endswith(("_z", "_logit"))]
+    ds = post.to_dataset()[names]
+    ref_r = max(float(az.rhat(ds)[v].max()) for v in names)
+    ref_t = min(float(az.ess(ds, method="tail")[v].min()) for v in names)
+    assert d["max_rhat"] == pytest.approx(ref_r, rel=1e-9)
+    assert d["min_ess_tail"] == pytest.approx(ref_t, rel=1e-9)
     covered = total = 0
     for name in ("p_init", "p_transit", "p_guess", "p_slip"):
         draws = post[name].stack(s=("chain", "draw")).transpose("skill", "s").values
