@@ -99,6 +99,7 @@ def forward_logp(
     p_forget,
     out_logp,
     out_mast=None,
+    init_state=None,
 ):
     """Per-sequence log-likelihood (value only), optionally the filtered state.
 
@@ -118,6 +119,9 @@ def forward_logp(
         Written when given (lockstep order): P(mastery) after each response,
         the posterior followed by the transition, the quantity the serving
         tracer reports.
+    init_state : float64 array, shape (2, n_seqs), optional
+        Start each sequence from this predicted state ``(p, q)`` instead of
+        ``p_init`` (the prefix trie's suffixes).
     """
     if _block_size(block_seq) > _BS:
         raise ValueError(
@@ -129,8 +133,12 @@ def forward_logp(
         q0 = block_seq[b]
         m = block_seq[b + 1] - q0
         for j in range(m):
-            W[0 * _BS + j] = p_init[q0 + j]
-            W[1 * _BS + j] = 1.0 - p_init[q0 + j]
+            if init_state is None:
+                W[0 * _BS + j] = p_init[q0 + j]
+                W[1 * _BS + j] = 1.0 - p_init[q0 + j]
+            else:
+                W[0 * _BS + j] = init_state[0, q0 + j]
+                W[1 * _BS + j] = init_state[1, q0 + j]
             W[2 * _BS + j] = 1.0
             W[3 * _BS + j] = 0.0
             W[4 * _BS + j] = p_slip[q0 + j]
@@ -864,6 +872,117 @@ def prefix_total_logp_grad(
     )
     out_grad += g_suf
     return total
+
+
+@nb.njit(parallel=True, **_JIT)
+def draws_prefix_logp(
+    node_parent,
+    node_skill,
+    node_y,
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    suf_node,
+    suf_skill,
+    seq_node,
+    suf_seq,
+    p_init,
+    p_transit,
+    p_guess,
+    p_slip,
+    p_forget,
+    out,
+):
+    """Per-sequence log-likelihood for many draws of per-skill parameters, on
+    a prefix-trie layout (threads over draws).
+
+    The same numbers as :func:`draws_logp` with ``seq_col`` the sequences'
+    skills: a sequence's log-likelihood is its last trie node's cumulative
+    log-likelihood, plus its suffix's from that node's state. Shared
+    prefixes are stepped once per draw.
+
+    Parameters
+    ----------
+    node_parent, node_skill, node_y
+        The trie (:class:`bktbayes.packing.PrefixLayout`).
+    correct, block_seq, block_ev, step_ptr, step_count
+        The suffixes' lockstep layout.
+    suf_node, suf_skill, suf_seq : int64 arrays, shape (n_suffixes,)
+        Start node, skill and sequence (an index into ``out``'s columns) of
+        each suffix.
+    seq_node : int64 array, shape (n_seqs,)
+        The last trie node of each sequence.
+    p_init, p_transit, p_guess, p_slip : float64 arrays, shape (n_draws, n_skills)
+    p_forget : float64 array, shape (n_draws, n_skills), or None
+    out : float64 array, shape (n_draws, n_seqs)
+        Written: log-likelihood of each sequence under each draw (nats).
+    """
+    n_nodes = node_parent.shape[0]
+    n_suf = suf_node.shape[0]
+    n_seqs = out.shape[1]
+    for d in nb.prange(p_init.shape[0]):
+        S = np.empty((n_nodes, 3))  # p, q, cumulative log-likelihood
+        for k in range(n_nodes):
+            s = node_skill[k]
+            par = node_parent[k]
+            if par < 0:
+                p = p_init[d, s]
+                q = 1.0 - p
+                ll = 0.0
+            else:
+                p = S[par, 0]
+                q = S[par, 1]
+                ll = S[par, 2]
+            c = node_y[k] != 0
+            sl = p_slip[d, s]
+            g = p_guess[d, s]
+            t = p_transit[d, s]
+            f = 0.0 if p_forget is None else p_forget[d, s]
+            pa = p * ((1.0 - sl) if c else sl)
+            qb = q * (g if c else (1.0 - g))
+            lik = pa + qb
+            pp = pa / lik
+            pq = qb / lik
+            S[k, 0] = pp * (1.0 - f) + pq * t
+            S[k, 1] = pp * f + pq * (1.0 - t)
+            S[k, 2] = ll + np.log(lik)
+        row = out[d]
+        for q in range(n_seqs):
+            row[q] = S[seq_node[q], 2]
+        if n_suf == 0:
+            continue
+        init = np.empty((2, n_suf))
+        pi = np.empty(n_suf)
+        pt = np.empty(n_suf)
+        pg = np.empty(n_suf)
+        ps = np.empty(n_suf)
+        pf = np.zeros(n_suf)
+        for j in range(n_suf):
+            nd = suf_node[j]
+            init[0, j] = S[nd, 0]
+            init[1, j] = S[nd, 1]
+            s = suf_skill[j]
+            pi[j] = p_init[d, s]
+            pt[j] = p_transit[d, s]
+            pg[j] = p_guess[d, s]
+            ps[j] = p_slip[d, s]
+            if p_forget is not None:
+                pf[j] = p_forget[d, s]
+        suf = np.empty(n_suf)
+        if p_forget is None:
+            forward_logp(
+                correct, block_seq, block_ev, step_ptr, step_count,
+                pi, pt, pg, ps, None, suf, None, init,
+            )  # fmt: skip
+        else:
+            forward_logp(
+                correct, block_seq, block_ev, step_ptr, step_count,
+                pi, pt, pg, ps, pf, suf, None, init,
+            )  # fmt: skip
+        for j in range(n_suf):
+            row[suf_seq[j]] += suf[j]
 
 
 # ---------------------------------------------------------------------------

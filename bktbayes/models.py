@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd
 
 from .data import PackedEvents, pack_events
-from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp, draws_logp_items
+from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp, draws_logp_items, draws_prefix_logp
 from .packing import pack_codes
 from .params import jsonable
 
@@ -265,6 +265,7 @@ class BKTModel:
         self._items: dict[str, np.ndarray] | None = None
         self.model = None
         self._packed: PackedEvents | None = None
+        self._prefix = None  # the prefix layout of per-skill models (build_model)
         self.diagnostics: dict[str, Any] | None = None
         self.fit_info: dict[str, Any] = {}
         # "kernel" (the numba Ops; per-skill models share prefixes), "lockstep"
@@ -369,6 +370,7 @@ class BKTModel:
 
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
+        self._prefix = None
         pk = pe.packed
         cfg = self.config
         n_skill = len(pe.skills)
@@ -518,6 +520,7 @@ class BKTModel:
                     block_size=LIKELIHOOD_BLOCK_SIZE,
                 )
                 total = bkt_prefix_loglik(prefix_inputs(layout), p_init_s, p_tr_s, g_s, s_s, f_s)
+                self._prefix = layout
             pm.Potential("loglik", total)
         self.model = model
         return model
@@ -845,6 +848,18 @@ class BKTModel:
             draws_logp_items(
                 *data, self._items["ev_item"], c(nat["p_init"]), c(nat["p_transit"]),
                 c(ig), c(isl), pf, ll,
+            )  # fmt: skip
+        elif per_skill and self._prefix is not None:
+            # Shared prefixes stepped once per draw (as in the gradient).
+            lay = self._prefix
+            sp = lay.suffix
+            draws_prefix_logp(
+                lay.node_parent, lay.node_skill, lay.node_y,
+                sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
+                lay.suf_node, lay.suf_skill, lay.seq_node, lay.suf_seq,
+                *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+                pf,
+                ll,
             )  # fmt: skip
         else:
             draws_logp(

@@ -611,6 +611,11 @@ class PrefixLayout:
     suf_node : int64 array, shape (suffix.n_seqs,)
         The depth-``depth`` node each suffix continues from.
     suf_skill : int64 array, shape (suffix.n_seqs,)
+    seq_node : int64 array, shape (n_seqs,)
+        The last trie node of each input sequence (at level
+        ``min(length, depth)``).
+    suf_seq : int64 array, shape (suffix.n_seqs,)
+        The input sequence each suffix continues.
     n_events : int
         Events represented (trie steps weighted by sequences, plus suffixes).
     """
@@ -623,6 +628,8 @@ class PrefixLayout:
     suffix: Packed
     suf_node: np.ndarray
     suf_skill: np.ndarray
+    seq_node: np.ndarray
+    suf_seq: np.ndarray
     n_events: int
 
     @property
@@ -719,5 +726,7 @@ def prefix_layout(
         suffix=suffix,
         suf_node=np.ascontiguousarray(cur[alive][src]),
         suf_skill=np.ascontiguousarray(seq_skill[alive][src]),
+        seq_node=cur,
+        suf_seq=np.ascontiguousarray(alive[src]),
         n_events=int(seq_len.sum()),
     )

@@ -487,6 +487,47 @@ def test_prefix_kernel_equals_brute_force():
     assert total == pytest.approx(ref, rel=1e-12)
 
 
+@pytest.mark.parametrize("forgetting", [False, True])
+@pytest.mark.parametrize("depth", [1, 4, None, 1000])
+def test_draws_prefix_logp_equals_draws_logp(forgetting, depth):
+    """Pointwise log-likelihood over a prefix trie = stepping every sequence."""
+    from bktbayes.likelihood import draws_logp, draws_prefix_logp
+    from bktbayes.packing import prefix_layout
+
+    rng = np.random.default_rng(13)
+    n_skill, n_draws = 5, 7
+    pk, correct = _skill_data(rng, 300, n_skill, 30)
+    draws = [_params(rng, n_skill, forgetting) for _ in range(n_draws)]
+    stacked = [
+        None if draws[0][k] is None else np.ascontiguousarray([d[k] for d in draws])
+        for k in range(5)
+    ]
+    ref = np.empty((n_draws, pk.n_seqs))
+    draws_logp(*_layout(pk), *stacked, ref, pk.seq_skill.astype(np.int64))
+    pl = prefix_layout(
+        pk.seq_skill,
+        pk.seq_start,
+        pk.seq_len,
+        correct[pk.csr_row],
+        depth=depth,
+        block_size=LIKELIHOOD_BLOCK_SIZE,
+    )
+    # Every sequence ends at a node of its own skill, at level min(len, depth).
+    assert (pl.node_skill[pl.seq_node] == pk.seq_skill).all()
+    assert (pk.seq_len[pl.suf_seq] > pl.depth).all()
+    assert len(np.unique(pl.suf_seq)) == pl.suffix.n_seqs == (pk.seq_len > pl.depth).sum()
+    sp = pl.suffix
+    out = np.full((n_draws, pk.n_seqs), np.nan)
+    draws_prefix_logp(
+        pl.node_parent, pl.node_skill, pl.node_y,
+        sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
+        pl.suf_node, pl.suf_skill, pl.seq_node, pl.suf_seq,
+        *stacked, out,
+    )  # fmt: skip
+    # The same products, logged at other points: rounding only.
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_prefix_layout_rejects_bad_input():
     from bktbayes.packing import prefix_layout
 

@@ -7,6 +7,7 @@ import warnings
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pytest
 
 from bktbayes.export import ExportError
@@ -103,6 +104,37 @@ def test_fast_estimate_is_fast_and_beats_the_prior_mean(sim):
     y = df["correct"].to_numpy()
     ll_default = float(np.sum(np.log(np.where(y == 1, base.p_correct, 1 - base.p_correct))))
     assert est["loglik"] > ll_default + 100
+
+
+@pytest.mark.slow
+def test_pointwise_loglik_equals_serving_replay(sim, fitted):
+    """The log_likelihood group (prefix-shared kernel) = the serving tracer's
+    predictions under the same draw's parameters, summed per sequence."""
+    _, df = sim
+    _, idata = fitted
+    post = idata["posterior"]
+    ll = idata["log_likelihood"]["loglik"]
+    y = df["correct"].to_numpy()
+    for chain, draw in [(0, 0), (3, 999)]:
+        table = ParamTable(
+            {
+                str(s): BKTParams(
+                    *(
+                        float(post[n].sel(chain=chain, draw=draw, skill=s))
+                        for n in ("p_init", "p_transit", "p_guess", "p_slip")
+                    )
+                )
+                for s in post["skill"].values
+            }
+        )
+        pc = replay(df, table).p_correct
+        lp = np.log(np.where(y == 1, pc, 1 - pc))
+        ref = pd.Series(lp).groupby([df["user_id"].astype(str), df["skill"].astype(str)]).sum()
+        got = ll.sel(chain=chain, draw=draw).to_series()
+        got.index = pd.MultiIndex.from_tuples([tuple(k.split("|")) for k in got.index])
+        got = got.reindex(ref.index)
+        # Same maths in another order of operations: rounding only.
+        np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.slow
