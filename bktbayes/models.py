@@ -41,7 +41,10 @@ per skill and group: centred (``x[s] ~ Normal(mu, sigma)``) for data-rich
 skills, non-centred (``x[s] = mu + sigma z[s]``) for sparse ones. Rule of
 ``"auto"``: centred when the skill has at least :data:`CENTERED_MIN_SEQUENCES`
 sequences (for ``init``, informed once per sequence) or
-:data:`CENTERED_MIN_OBS` responses (the other groups).
+:data:`CENTERED_MIN_OBS` responses (the other groups); for ``transit`` also
+at least :data:`CENTERED_MIN_LEARNING` expected learning events, since a
+skill whose students mostly start mastered says little about learning
+however many responses it has.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from .params import jsonable
 __all__ = [
     "CENTERED_MIN_ITEMS",
     "CENTERED_MIN_ITEM_OBS",
+    "CENTERED_MIN_LEARNING",
     "CENTERED_MIN_OBS",
     "CENTERED_MIN_SEQUENCES",
     "DEFAULT_PRIORS",
@@ -81,6 +85,15 @@ MODEL_FORMAT_VERSION = 2
 #: (init group) or responses (other groups).
 CENTERED_MIN_SEQUENCES = 100
 CENTERED_MIN_OBS = 1500
+#: ... and, for transit, at least this many expected learning events: under
+#: the skill's per-skill maximum-likelihood parameters, the expected number of
+#: sequences that start unmastered and learn before their last response,
+#: sum over sequences of (1 - P(L0)) (1 - (1 - P(T))^(n - 1)). On the logit
+#: scale a rate's Fisher information is about the number of events it
+#: produces, so this counts what the data say about the skill's transit.
+#: (On the bundled data "Volume Sphere", 1,706 responses but P(L0) 0.92 and
+#: 2.8 expected learning events, mixed badly centred: R-hat 1.12 in one run.)
+CENTERED_MIN_LEARNING = 10.0
 #: ... and for item offsets, centred for items with at least this many responses.
 CENTERED_MIN_ITEM_OBS = 200
 #: ... and with item effects, a skill's guess and slip are centred only if it
@@ -266,6 +279,7 @@ class BKTModel:
         self.model = None
         self._packed: PackedEvents | None = None
         self._prefix = None  # the prefix layout of per-skill models (build_model)
+        self._fast = None  # the fast estimate of the packed data (build_model)
         self.diagnostics: dict[str, Any] | None = None
         self.fit_info: dict[str, Any] = {}
         # "kernel" (the numba Ops; per-skill models share prefixes), "lockstep"
@@ -302,6 +316,11 @@ class BKTModel:
             return n_seq >= CENTERED_MIN_SEQUENCES
         if group == "item":
             return n_obs >= CENTERED_MIN_ITEM_OBS
+        if group == "transit":
+            base = n_obs >= CENTERED_MIN_OBS
+            if base.any():
+                base &= self._expected_learning() >= CENTERED_MIN_LEARNING
+            return base
         if group in ("guess", "slip") and self._items is not None:
             # With item offsets, a skill's guess and slip are the centre of its
             # items' and are informed by how many items it has, not by its
@@ -311,6 +330,23 @@ class BKTModel:
             )
             return (n_obs >= CENTERED_MIN_OBS) & (n_items >= CENTERED_MIN_ITEMS)
         return n_obs >= CENTERED_MIN_OBS
+
+    def _expected_learning(self) -> np.ndarray:
+        """Expected learning events per skill under the fast estimate (see
+        :data:`CENTERED_MIN_LEARNING`), shape (n_skills,)."""
+        est = self._fast_estimate_cached()
+        pk = self._packed.packed
+        sk = pk.seq_skill
+        p0 = est["params"]["p_init"][sk]
+        tr = est["params"]["p_transit"][sk]
+        el = (1.0 - p0) * -np.expm1((pk.seq_len - 1) * np.log1p(-tr))
+        return np.bincount(sk, weights=el, minlength=len(self._packed.skills))
+
+    def _fast_estimate_cached(self) -> dict:
+        """The fast estimate of the packed data, computed once per build."""
+        if self._fast is None:
+            self._fast = self.fast_estimate()
+        return self._fast
 
     def _item_index(self, events: pd.DataFrame, pe: PackedEvents) -> dict[str, np.ndarray]:
         """Items of the item-level model: (skill, item) pairs with at least
@@ -371,6 +407,7 @@ class BKTModel:
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
         self._prefix = None
+        self._fast = None
         pk = pe.packed
         cfg = self.config
         n_skill = len(pe.skills)
@@ -556,6 +593,7 @@ class BKTModel:
         t0 = time.perf_counter()
         if events is not None:
             self._packed = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
+            self._prefix = self._fast = None
         if self._packed is None:
             raise ValueError("no data: pass events or call build_model first")
         pk = self._packed.packed
@@ -695,7 +733,7 @@ class BKTModel:
         ti = time.perf_counter()
         pts = None
         if init == "fast_estimate":
-            pts = self._initial_points(self.fast_estimate())
+            pts = self._initial_points(self._fast_estimate_cached())
         t0 = time.perf_counter()
         if sampler == "nutpie":
             import nutpie

