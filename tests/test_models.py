@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 
 from bktbayes.export import ExportError
-from bktbayes.models import BKTModel, ConvergenceWarning
+from bktbayes.models import (
+    CENTERED_MIN_LEARNING,
+    CENTERED_MIN_OBS,
+    BKTModel,
+    ConvergenceWarning,
+)
 from bktbayes.ops import BKTLogLik, BKTPrefixLogLik, BKTSkillLogLik
 from bktbayes.params import BKTParams, ParamTable
 from bktbayes.simulate import simulate
@@ -382,6 +387,38 @@ def test_item_model_recovers_items_and_serves_them(item_sim, tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def test_auto_rule_centres_transit_by_expected_learning_events():
+    """Two data-rich skills (~2,400 responses each); in one almost every
+    student starts mastered, so its responses say little about learning:
+    its transit stays non-centred, every other group is centred."""
+    truth = ParamTable(
+        {"learners": BKTParams(0.3, 0.1, 0.2, 0.1), "masters": BKTParams(0.97, 0.1, 0.2, 0.1)}
+    )
+    df = simulate(truth, 200, mean_length=12, seed=3)
+    m = BKTModel()
+    m.build_model(df)
+    skills = [str(s) for s in m._packed.skills]
+    est = m.fast_estimate()["params"]
+    # The count by hand: sum over sequences of (1 - P(L0)) (1 - (1 - P(T))^(n - 1)).
+    lens = df.groupby(["user_id", "skill"], observed=True).size()
+    ref = {s: 0.0 for s in skills}
+    for (_, s), n in lens.items():
+        k = skills.index(str(s))
+        ref[str(s)] += (1 - est["p_init"][k]) * (1 - (1 - est["p_transit"][k]) ** (n - 1))
+    el = m._expected_learning()
+    np.testing.assert_allclose(el, [ref[s] for s in skills], rtol=1e-12)
+    li, ma = skills.index("learners"), skills.index("masters")
+    assert el[li] >= CENTERED_MIN_LEARNING > el[ma]
+    pk = m._packed.packed
+    n_seq = np.bincount(pk.seq_skill, minlength=2)
+    n_obs = np.bincount(pk.seq_skill, weights=pk.seq_len, minlength=2)
+    assert (n_obs >= CENTERED_MIN_OBS).all()
+    assert m._centered_mask("transit", n_seq, n_obs).tolist() == [k == li for k in range(2)]
+    for g in ("init", "guess", "slip"):
+        assert m._centered_mask(g, n_seq, n_obs).all(), g
+    assert BKTModel(parametrization="centered")._centered_mask("transit", n_seq, n_obs).all()
+
+
 def test_auto_parametrisation_mixes_on_sparse_data():
     # 8 skills x 40 students with ~6 responses per sequence: the data barely
     # inform each skill, so "auto" (here by its counts: 40 sequences, ~240
