@@ -54,8 +54,9 @@ def export_params(
         Export even if the diagnostics fail; recorded as ``metadata.forced``.
     n_draws : int
         Also export this many posterior draws (evenly thinned) of every
-        skill's and the default's parameters, so the tracer can report
-        credible intervals of P(mastery) (``replay(..., interval=0.9)``).
+        skill's and the default's parameters (and of the items' guess and
+        slip, for an item-level fit), so the tracer can report credible
+        intervals of P(mastery) (``replay(..., interval=0.9)``).
     interval_prob : float
         Probability of the central interval stored per parameter.
 
@@ -122,6 +123,7 @@ def export_params(
         default_source = "mean over skills of the per-skill posterior means (pooling='none')"
     n_total = draws["p_init"].shape[0]
     draws_doc = None
+    idx = None
     if n_draws:
         idx = np.linspace(0, n_total - 1, min(n_draws, n_total)).round().astype(int)
         if cfg.pooling == "hierarchical":
@@ -147,7 +149,11 @@ def export_params(
                 students[kind] = {u: float(v) for u, v in zip(users, mean.values, strict=True)}
     items = None
     if cfg.item_effects:
-        items = _export_items(post, const, skills, cfg.guess_slip)
+        # The items' draws travel with the skills' (the same thinned draws),
+        # so intervals from the tracer carry the items' uncertainty too.
+        items, item_draws = _export_items(post, const, skills, cfg.guess_slip, idx)
+        if draws_doc is not None:
+            draws_doc["items"] = item_draws
     metadata: dict[str, Any] = {
         "config": asdict(cfg),
         "diagnostics": jsonable(diag),
@@ -181,8 +187,11 @@ def export_params(
     )
 
 
-def _export_items(post, const, skills: list[str], guess_slip: str) -> dict[str, dict[str, Any]]:
-    """Posterior-mean guess and slip per (skill, item) of an item-level fit."""
+def _export_items(
+    post, const, skills: list[str], guess_slip: str, idx: np.ndarray | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]] | None]:
+    """Posterior-mean guess and slip per (skill, item) of an item-level fit,
+    and (with ``idx``, the thinned draw indices) their draws."""
     from .models import natural_params
 
     item_skill = np.asarray(const["item_skill"].values).astype(str)
@@ -199,6 +208,12 @@ def _export_items(post, const, skills: list[str], guess_slip: str) -> dict[str, 
     g_mean = nat["p_guess"].mean(axis=0)
     s_mean = nat["p_slip"].mean(axis=0)
     out: dict[str, dict[str, Any]] = {}
-    for s, i, g, sl in zip(item_skill, item_id, g_mean, s_mean, strict=True):
+    drawn: dict[str, dict[str, Any]] | None = {} if idx is not None else None
+    for k, (s, i, g, sl) in enumerate(zip(item_skill, item_id, g_mean, s_mean, strict=True)):
         out.setdefault(s, {})[i] = {"p_guess": float(g), "p_slip": float(sl)}
-    return out
+        if drawn is not None:
+            drawn.setdefault(s, {})[i] = {
+                "p_guess": [float(v) for v in nat["p_guess"][idx, k]],
+                "p_slip": [float(v) for v in nat["p_slip"][idx, k]],
+            }
+    return out, drawn

@@ -3,11 +3,12 @@
 This module imports only the standard library so that the serving tracer
 (:mod:`bktbayes.tracing`) can use it without pulling in the research stack.
 
-JSON schema, version 3 (version 2 is the same without ``items``, version 1
-also without ``students`` and ``draws``; both are still read)::
+JSON schema, version 4 (version 3 is the same without ``draws.items``,
+version 2 also without ``items``, version 1 also without ``students`` and
+``draws``; all are still read)::
 
     {
-      "schema_version": 3,
+      "schema_version": 4,
       "model": "seed-defaults",                 # what produced the table
       "created": "2026-11-25T19:40:00+00:00",   # ISO 8601
       "default": {"p_init": 0.3, "p_transit": 0.09, "p_guess": 0.2,
@@ -23,7 +24,9 @@ also without ``students`` and ``draws``; both are still read)::
       "students": null | {"init": {user: logit offset}, "transit": {...}},
       "items": null | {skill: {item: {"p_guess": 0.25, "p_slip": 0.08}}},
       "draws": null | {"n": 100, "default": {"p_init": [100 values], ...},
-                       "skills": {skill: {"p_init": [...], ...}}},
+                       "skills": {skill: {"p_init": [...], ...}},
+                       # optional, for the items of "items":
+                       "items": {skill: {item: {"p_guess": [...], "p_slip": [...]}}}},
       "metadata": {...free-form...}
     }
 
@@ -61,7 +64,8 @@ PARAM_NAMES: tuple[str, ...] = ("p_init", "p_transit", "p_guess", "p_slip", "p_f
 #: Version 2 adds ``students`` (per-student logit offsets) and ``draws``
 #: (thinned posterior draws of every skill's and the default's parameters).
 #: Version 3 adds ``items`` (item-level guess and slip per skill, KT-IDEM).
-SCHEMA_VERSION = 3
+#: Version 4 lets ``draws`` carry the items' guess and slip draws too.
+SCHEMA_VERSION = 4
 
 
 class BKTInputError(ValueError):
@@ -301,12 +305,14 @@ class ParamTable(Mapping[str, BKTParams]):
         self.students: dict[str, dict[str, float]] | None = (
             _check_students(students, "students") if students is not None else None
         )
-        self.draws: dict[str, Any] | None = (
-            _check_draws(draws, set(self._skills), "draws") if draws is not None else None
-        )
         # Not ``items``: that is the Mapping method.
         self.item_params: dict[str, dict[str, tuple[float, float]]] | None = (
             _check_items(items, self._skills, "items") if items is not None else None
+        )
+        self.draws: dict[str, Any] | None = (
+            _check_draws(draws, set(self._skills), "draws", self.item_params)
+            if draws is not None
+            else None
         )
 
     @classmethod
@@ -379,6 +385,14 @@ class ParamTable(Mapping[str, BKTParams]):
     def n_draws(self) -> int:
         """Number of posterior draws carried (0 when none)."""
         return 0 if not self.draws else int(self.draws["n"])
+
+    def item_draws(self, skill: Any, item: Any) -> tuple[list[float], list[float]] | None:
+        """Posterior draws of an item's guess and slip (two lists of
+        ``n_draws`` values), or None when the table carries none for it."""
+        if not self.draws or "items" not in self.draws:
+            return None
+        d = self.draws["items"].get(str(skill), {}).get(str(item))
+        return None if d is None else (d["p_guess"], d["p_slip"])
 
     def draw_matrix(self, skill: Any) -> Any:
         """Posterior draws of ``skill`` as a list of five equal-length lists
@@ -530,20 +544,28 @@ def _check_items(
     return out
 
 
-def _check_draws(obj: Any, skills: set[str], where: str) -> dict[str, Any]:
-    _require_fields(obj, where, ("n", "default", "skills"))
+def _check_draws(
+    obj: Any,
+    skills: set[str],
+    where: str,
+    items: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    _require_fields(obj, where, ("n", "default", "skills"), ("items",))
     n = obj["n"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ParamFileError(f"{where}.n: must be an integer >= 2, got {n!r}")
 
+    def column(col: Any, w: str) -> list[float]:
+        if not isinstance(col, list) or len(col) != n:
+            raise ParamFileError(f"{w}: expected a list of {n} numbers")
+        try:
+            return [float(v) for v in col]
+        except (TypeError, ValueError):
+            raise ParamFileError(f"{w}: expected a list of {n} numbers") from None
+
     def one(d: Any, w: str) -> dict[str, list[float]]:
         _require_fields(d, w, PARAM_NAMES, what="an object of five lists")
-        cols = {}
-        for k in PARAM_NAMES:
-            col = d[k]
-            if not isinstance(col, list) or len(col) != n:
-                raise ParamFileError(f"{w}.{k}: expected a list of {n} numbers")
-            cols[k] = [float(v) for v in col]
+        cols = {k: column(d[k], f"{w}.{k}") for k in PARAM_NAMES}
         for i in range(n):
             try:
                 BKTParams(*(cols[k][i] for k in PARAM_NAMES))
@@ -556,7 +578,38 @@ def _check_draws(obj: Any, skills: set[str], where: str) -> dict[str, Any]:
         if str(code) not in skills:
             raise ParamFileError(f"{where}.skills: skill {code!r} is not in the table")
         out_skills[str(code)] = one(d, f"{where}.skills[{code!r}]")
-    return {"n": n, "default": one(obj["default"], f"{where}.default"), "skills": out_skills}
+    out = {"n": n, "default": one(obj["default"], f"{where}.default"), "skills": out_skills}
+    if obj.get("items") is not None:
+        out["items"] = _check_item_draws(obj["items"], items or {}, f"{where}.items", column)
+    return out
+
+
+def _check_item_draws(obj: Any, items: Mapping[str, Mapping[str, Any]], where: str, column):
+    """Draws of item guess and slip: only for items of the table's ``items``."""
+    if not isinstance(obj, Mapping):
+        raise ParamFileError(f"{where}: expected an object skill -> {{item -> draws}}")
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for code, table in obj.items():
+        code = str(code)
+        if code not in items:
+            raise ParamFileError(f"{where}: skill {code!r} has no items in the table")
+        if not isinstance(table, Mapping):
+            raise ParamFileError(f"{where}[{code!r}]: expected an object item -> draws")
+        out[code] = {}
+        for item, d in table.items():
+            w = f"{where}[{code!r}][{item!r}]"
+            if str(item) not in items[code]:
+                raise ParamFileError(f"{w}: item is not in the table's items")
+            _require_fields(d, w, ("p_guess", "p_slip"), what="an object with two lists")
+            g = column(d["p_guess"], f"{w}.p_guess")
+            sl = column(d["p_slip"], f"{w}.p_slip")
+            for i, (gi, si) in enumerate(zip(g, sl, strict=True)):
+                try:
+                    BKTParams(0.5, 0.1, gi, si)
+                except (ValueError, TypeError) as e:
+                    raise ParamFileError(f"{w}, draw {i}: {e}") from None
+            out[code][str(item)] = {"p_guess": g, "p_slip": sl}
+    return out
 
 
 _FIELDS_V1 = frozenset({"schema_version", "model", "created", "default", "skills", "metadata"})
@@ -569,10 +622,22 @@ def _parse_v1(doc: Mapping[str, Any]) -> ParamTable:
 
 
 def _parse_v2(doc: Mapping[str, Any]) -> ParamTable:
+    _no_item_draws(doc)
     return _parse(doc, set(_FIELDS_V2))
 
 
+def _no_item_draws(doc: Mapping[str, Any]) -> None:
+    draws = doc.get("draws")
+    if isinstance(draws, Mapping) and "items" in draws:
+        raise ParamFileError("parameter file: draws.items needs schema_version 4")
+
+
 def _parse_v3(doc: Mapping[str, Any]) -> ParamTable:
+    _no_item_draws(doc)
+    return _parse(doc, set(_FIELDS_V3))
+
+
+def _parse_v4(doc: Mapping[str, Any]) -> ParamTable:
     return _parse(doc, set(_FIELDS_V3))
 
 
@@ -620,4 +685,4 @@ def _parse(doc: Mapping[str, Any], required: set[str]) -> ParamTable:
         raise ParamFileError(f"parameter file: {e}") from None
 
 
-_PARSERS = {1: _parse_v1, 2: _parse_v2, 3: _parse_v3}
+_PARSERS = {1: _parse_v1, 2: _parse_v2, 3: _parse_v3, 4: _parse_v4}

@@ -457,11 +457,14 @@ def _item_guess_slip(
     skill_values: np.ndarray,
     items: np.ndarray,
     mat: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, int, tuple[np.ndarray, np.ndarray, list]]:
     """Per-response guess and slip (lockstep order): the item's where the
     table has one for that (skill, item), the skill's otherwise.
 
-    Returns the two arrays and the number of responses scored at item level.
+    Returns the two arrays, the number of responses scored at item level and
+    the index behind them, ``(lock_skill, ev_pair, pairs)``: each response's
+    skill code, its (skill, item) pair's position in ``pairs`` (-1 at skill
+    level), and the pairs as (skill, item) strings.
     """
     lock_skill = packed.seq_skill[
         _lock_seq(packed.block_seq, packed.block_ev, packed.step_ptr, packed.step_count,
@@ -479,19 +482,59 @@ def _item_guess_slip(
     text = np.where(missing, "", vals).astype(str)
     uniq, code = np.unique(text, return_inverse=True)
     pair, inv = np.unique(lock_skill * uniq.size + code.reshape(-1), return_inverse=True)
-    pg = np.full(pair.size, np.nan)
-    ps = np.full(pair.size, np.nan)
+    known = np.full(pair.size, -1, dtype=np.int64)
+    pairs: list[tuple[str, str]] = []
+    pg, ps = [], []
     for k, key in enumerate(pair):
-        table = params.item_params.get(str(_plain(skill_values[key // uniq.size])), {})
-        gs = table.get(str(uniq[key % uniq.size]))
+        sk = str(_plain(skill_values[key // uniq.size]))
+        it = str(uniq[key % uniq.size])
+        gs = params.item_params.get(sk, {}).get(it)
         if gs is not None:
-            pg[k], ps[k] = gs
-    eg = pg[inv.reshape(-1)]
-    es = ps[inv.reshape(-1)]
-    hit = ~np.isnan(eg) & ~missing
-    g[hit] = eg[hit]
-    s[hit] = es[hit]
-    return g, s, int(hit.sum())
+            known[k] = len(pairs)
+            pairs.append((sk, it))
+            pg.append(gs[0])
+            ps.append(gs[1])
+    ev_pair = known[inv.reshape(-1)]
+    ev_pair[missing] = -1
+    hit = ev_pair >= 0
+    g[hit] = np.asarray(pg)[ev_pair[hit]]
+    s[hit] = np.asarray(ps)[ev_pair[hit]]
+    return g, s, int(hit.sum()), (lock_skill, ev_pair, pairs)
+
+
+def _item_draw_guess_slip(
+    index: tuple[np.ndarray, np.ndarray, list],
+    params: ParamTable,
+    point: tuple[np.ndarray, np.ndarray],
+    dm: np.ndarray,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-draw per-response guess and slip: each skill's draw for skill-level
+    responses, each item's draw where the table carries the item's draws (its
+    posterior mean, as in ``point``, where it carries none)."""
+    lock_skill, ev_pair, pairs = index
+    n = dm.shape[2]
+    item_g = np.empty((len(pairs), n))
+    item_s = np.empty((len(pairs), n))
+    have = np.zeros(len(pairs), dtype=bool)
+    for k, (sk, it) in enumerate(pairs):
+        d = params.item_draws(sk, it)
+        if d is not None:
+            item_g[k], item_s[k] = d
+            have[k] = True
+    hit = ev_pair >= 0
+    drawn = hit.copy()
+    drawn[hit] = have[ev_pair[hit]]
+    fixed = hit & ~drawn
+    out = []
+    for d in range(n):
+        g = np.ascontiguousarray(dm[lock_skill, 2, d])
+        s = np.ascontiguousarray(dm[lock_skill, 3, d])
+        g[drawn] = item_g[ev_pair[drawn], d]
+        s[drawn] = item_s[ev_pair[drawn], d]
+        g[fixed] = point[0][fixed]
+        s[fixed] = point[1][fixed]
+        out.append((g, s))
+    return out
 
 
 def _plain(v: Any) -> Any:
@@ -696,7 +739,8 @@ def replay(
     guess and slip (schema 3) applies them where ``events`` has an
     ``item_id`` column and the table knows the (skill, item); other responses
     use their skill's (``ReplayResult.n_item_level`` counts the former). The
-    ``interval`` replays then use the items' posterior means.
+    ``interval`` replays use the items' draws where the table carries them
+    (schema 4), their posterior means otherwise.
 
     Returns
     -------
@@ -839,12 +883,14 @@ def replay_packed(
             np.ascontiguousarray(batch), packed.csr_row, packed.seq_start, packed.seq_len, lock_pos
         )
 
-    ev_g = ev_s = None
+    ev_g = ev_s = item_index = None
     n_item_level = 0
     if items is not None and isinstance(params, ParamTable) and params.item_params:
-        ev_g, ev_s, n_item_level = _item_guess_slip(packed, params, skill_values, items, mat)
+        ev_g, ev_s, n_item_level, item_index = _item_guess_slip(
+            packed, params, skill_values, items, mat
+        )
 
-    def run(sp: np.ndarray) -> np.ndarray:
+    def run(sp: np.ndarray, ev_g=ev_g, ev_s=ev_s) -> np.ndarray:
         final = np.empty(packed.n_seqs)
         cols = [np.ascontiguousarray(sp[:, i]) for i in range(5)]
         lay = (packed.block_seq, packed.block_ev, packed.step_ptr, packed.step_count)
@@ -865,9 +911,16 @@ def replay_packed(
         used = [skill_values[i] for i in used_skills]
         dm = np.zeros((len(skill_values), 5, params.n_draws))
         dm[used_skills] = np.array([params.draw_matrix(s) for s in used])
+        ev_draws = None
+        if item_index is not None:
+            ev_draws = _item_draw_guess_slip(item_index, params, (ev_g, ev_s), dm)
         finals = np.empty((params.n_draws, packed.n_seqs))
         for d in range(params.n_draws):
-            finals[d] = run(_student_adjust(dm[packed.seq_skill, :, d], seq_users, students))
+            sp = _student_adjust(dm[packed.seq_skill, :, d], seq_users, students)
+            if ev_draws is None:
+                finals[d] = run(sp)
+            else:
+                finals[d] = run(sp, *ev_draws[d])
         lo, hi = np.quantile(finals, [(1 - interval) / 2, (1 + interval) / 2], axis=0)
         extra = {
             "p_mastery_lower": lo,

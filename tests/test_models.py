@@ -378,6 +378,31 @@ def test_item_model_recovers_items_and_serves_them(item_sim, tmp_path, monkeypat
         for idx, item, y in zip(rows.index, rows["item_id"], rows["correct"], strict=True):
             p = BayesianKnowledgeTracer(table.params_for(skill, item=item)).update(p, bool(y))
             assert res.p_mastery[idx] == pytest.approx(p, abs=1e-12)
+    # Intervals carry the items' uncertainty: the exported item draws (schema
+    # 4) replayed draw by draw, each as a plain table, give the same bounds.
+    drawn = ParamTable.from_json(
+        m.export_params(force=True, n_draws=20).to_json(tmp_path / "d.json")
+    )
+    assert drawn.n_draws == 20 and set(drawn.draws["items"]) == set(drawn.item_params)
+    some = df[df["user_id"] < 40]
+    res_iv = replay(some, drawn, interval=0.8)
+    finals = []
+    for d in range(20):
+        cols = {s: drawn.draw_matrix(s) for s in drawn}
+        one = ParamTable(
+            {s: BKTParams(*(c[d] for c in cols[s])) for s in drawn},
+            drawn.default,
+            model="x",
+            items={
+                s: {i: {"p_guess": g[d], "p_slip": sl[d]} for i, (g, sl) in
+                    ((i, drawn.item_draws(s, i)) for i in its)}
+                for s, its in drawn.item_params.items()
+            },
+        )  # fmt: skip
+        finals.append(replay(some, one).mastery["p_mastery"])
+    lo, hi = np.quantile(np.array(finals), [0.1, 0.9], axis=0)
+    np.testing.assert_allclose(res_iv.mastery["p_mastery_lower"], lo, atol=1e-12)
+    np.testing.assert_allclose(res_iv.mastery["p_mastery_upper"], hi, atol=1e-12)
     # Unseen items (and a table without items) fall back to the skill's.
     renamed = df.assign(item_id=df["item_id"] + "-new")
     res_new = replay(renamed, table)
@@ -386,7 +411,6 @@ def test_item_model_recovers_items_and_serves_them(item_sim, tmp_path, monkeypat
     np.testing.assert_array_equal(res_new.p_mastery, replay(df, skill_only).p_mastery)
 
 
-@pytest.mark.slow
 def test_auto_rule_centres_transit_by_expected_learning_events():
     """Two data-rich skills (~2,400 responses each); in one almost every
     student starts mastered, so its responses say little about learning:
@@ -419,6 +443,7 @@ def test_auto_rule_centres_transit_by_expected_learning_events():
     assert BKTModel(parametrization="centered")._centered_mask("transit", n_seq, n_obs).all()
 
 
+@pytest.mark.slow
 def test_auto_parametrisation_mixes_on_sparse_data():
     # 8 skills x 40 students with ~6 responses per sequence: the data barely
     # inform each skill, so "auto" (here by its counts: 40 sequences, ~240

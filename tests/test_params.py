@@ -326,3 +326,54 @@ def test_table_is_a_mapping_with_item_params():
     )
     assert dict(t.items()) == {"a": BKTParams()}
     assert t.item_params == {"a": {"i1": (0.3, 0.1)}}
+
+
+def _v4_doc():
+    t = _v2_table()
+    doc = ParamTable(
+        dict(t),
+        t.default,
+        model="x",
+        draws=t.draws,
+        items={"fractions": {"p17": {"p_guess": 0.3, "p_slip": 0.05}}},
+    ).to_dict()
+    drawn = {"p_guess": [0.2, 0.3, 0.4], "p_slip": [0.1] * 3}
+    doc["draws"]["items"] = {"fractions": {"p17": drawn}}
+    return doc
+
+
+def test_version_4_item_draws_round_trip(tmp_path):
+    doc = _v4_doc()
+    assert doc["schema_version"] == 4
+    back = ParamTable.from_json(_write(tmp_path, doc))
+    assert back.item_draws("fractions", "p17") == ([0.2, 0.3, 0.4], [0.1, 0.1, 0.1])
+    assert back.item_draws("fractions", "p99") is None
+    again = ParamTable.from_json(back.to_json(tmp_path / "again.json"))
+    assert again.draws == back.draws and again.version == back.version
+    # Version 3 had no item draws: such a file is refused, not half-read.
+    doc["schema_version"] = 3
+    with pytest.raises(ParamFileError, match="draws.items needs schema_version 4"):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(p_slip=[0.1, 0.1]), r"\['p17'\]\.p_slip: expected a list of 3"),
+        (lambda d: d.update(p_slip=[0.1, 0.75, 0.1]), r"\['p17'\], draw 1: .*p_guess \+ p_slip"),
+        (lambda d: d.update(p_guess=[0.2, "x", 0.3]), r"\['p17'\]\.p_guess: expected a list"),
+        (lambda d: d.pop("p_guess"), r"\['p17'\]: missing field\(s\) \['p_guess'\]"),
+    ],
+)
+def test_version_4_rejects_bad_item_draws(tmp_path, change, message):
+    doc = _v4_doc()
+    change(doc["draws"]["items"]["fractions"]["p17"])
+    with pytest.raises(ParamFileError, match=message):
+        ParamTable.from_json(_write(tmp_path, doc))
+
+
+def test_version_4_item_draws_need_the_item(tmp_path):
+    doc = _v4_doc()
+    doc["draws"]["items"]["fractions"]["p18"] = {"p_guess": [0.2] * 3, "p_slip": [0.1] * 3}
+    with pytest.raises(ParamFileError, match=r"\['p18'\]: item is not in the table's items"):
+        ParamTable.from_json(_write(tmp_path, doc))
