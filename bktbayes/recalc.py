@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["adbc_available", "read_log", "recalculate_store", "replay_columns"]
 
-_LOG_COLUMNS = ("user_id", "skill", "correct", "seq", "batch_id")
+_LOG_COLUMNS = ("user_id", "skill", "correct", "seq", "batch_id", "item_id")
 
 
 def adbc_available() -> bool:
@@ -60,8 +60,8 @@ def _codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
 def read_log(
     store: MasteryStore, conn: sa.Connection, users: Sequence[str] | None, bulk: str
 ) -> tuple[dict[str, Any], str]:
-    """Read ``user_id, skill, correct, seq, batch_id`` of the log (optionally
-    some users) as columns; returns the columns and the method used."""
+    """Read ``user_id, skill, correct, seq, batch_id, item_id`` of the log
+    (optionally some users) as columns; returns the columns and the method used."""
     if bulk not in ("auto", "adbc", "sqlalchemy"):
         raise ValueError(f"bulk must be 'auto', 'adbc' or 'sqlalchemy', got {bulk!r}")
     use_adbc = store.dialect == "postgresql" and (
@@ -78,15 +78,16 @@ def read_log(
         q = q.where(events.c.user_id.in_(users))
     rows = conn.execute(q).all()
     if rows:
-        u, s, c, seq, b = zip(*rows, strict=True)
+        u, s, c, seq, b, it = zip(*rows, strict=True)
     else:
-        u = s = c = seq = b = ()
+        u = s = c = seq = b = it = ()
     cols = {
         "user_id": np.array(u, dtype=object),
         "skill": np.array(s, dtype=object),
         "correct": np.array(c, dtype=bool),
         "seq": np.array(seq, dtype=np.int64),
         "batch_id": np.array(b, dtype=np.int64),
+        "item_id": np.array(it, dtype=object),
     }
     return cols, "sqlalchemy"
 
@@ -95,7 +96,7 @@ def _read_adbc(store: MasteryStore, users: Sequence[str] | None) -> dict[str, An
     import adbc_driver_postgresql.dbapi as adbc
 
     url = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    sql = "SELECT user_id, skill, correct, seq, batch_id FROM bkt_events"
+    sql = "SELECT user_id, skill, correct, seq, batch_id, item_id FROM bkt_events"
     args: tuple[Any, ...] = ()
     if users is not None:
         sql += " WHERE user_id = ANY($1)"
@@ -112,14 +113,16 @@ def _read_adbc(store: MasteryStore, users: Sequence[str] | None) -> dict[str, An
         "correct": table.column("correct").to_numpy().astype(bool),
         "seq": table.column("seq").to_numpy().astype(np.int64, copy=False),
         "batch_id": table.column("batch_id").to_numpy().astype(np.int64, copy=False),
+        "item_id": table.column("item_id"),
     }
 
 
 def replay_columns(
     cols: dict[str, Any], params: ParamTable, *, threads: int | None = None
 ) -> ReplayResult:
-    """Replay log columns (``user_id, skill, correct, seq, batch_id``) in
-    arrival order with the batch id as the batch key."""
+    """Replay log columns (``user_id, skill, correct, seq, batch_id``, and
+    optionally ``item_id``) in arrival order with the batch id as the batch
+    key; items count only with a table that has item-level parameters."""
     u_codes, u_vals = _codes(cols["user_id"])
     s_codes, s_vals = _codes(cols["skill"])
     packed = pack_codes(
@@ -131,8 +134,20 @@ def replay_columns(
         n_skill=max(len(s_vals), 1),
         threads=threads,
     )
+    items = None
+    if cols.get("item_id") is not None and params.item_params:
+        items = cols["item_id"]
+        if not isinstance(items, np.ndarray):  # an Arrow column: nulls become None
+            items = np.asarray(items.to_pylist(), dtype=object)
     return replay_packed(
-        packed, params, s_vals, u_vals, batch=cols["batch_id"], threads=threads, per_event=False
+        packed,
+        params,
+        s_vals,
+        u_vals,
+        batch=cols["batch_id"],
+        threads=threads,
+        per_event=False,
+        items=items,
     )
 
 

@@ -63,6 +63,9 @@ class Response(_Strict):
         None, description="Unique id; a retry with the same id is not counted twice."
     )
     time: datetime | None = Field(None, description="When it was answered (recorded only).")
+    item_id: Id | None = Field(
+        None, description="The card answered: item-level guess and slip where the table has them."
+    )
 
 
 class FlashcardSession(_Strict):
@@ -78,6 +81,9 @@ class ExamAnswer(_Strict):
     correct: StrictBool
     skills: list[Id] = Field(min_length=1, max_length=100, json_schema_extra={"uniqueItems": True})
     time: datetime | None = None
+    item_id: Id | None = Field(
+        None, description="The question: item-level guess and slip where the table has them."
+    )
 
 
 class ExamAnswers(_Strict):
@@ -355,6 +361,7 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
             [r.correct for r in body.responses],
             event_ids=[r.event_id for r in body.responses],
             times=[r.time for r in body.responses],
+            items=[r.item_id for r in body.responses],
         )
         return _record_out(await _submit(req))
 

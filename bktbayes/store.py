@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Version of the database schema, kept in ``bkt_meta`` for later migrations.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: bkt_events.item_id (version-1 databases are migrated on open)
 #: Longest user id, skill code, event id or source accepted.
 MAX_ID_LENGTH = 200
 #: Most responses in one call (one batch).
@@ -110,6 +110,9 @@ events = sa.Table(
     sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("source", sa.String(32), nullable=False),
     sa.Column("batch_id", sa.BigInteger, nullable=False),
+    # The item answered (optional): item-level guess and slip where the
+    # parameter table has them for (skill, item).
+    sa.Column("item_id", sa.String(MAX_ID_LENGTH), nullable=True),
     # An exam answer tagged with several skills is one row per skill, sharing its id.
     sa.UniqueConstraint("event_id", "skill", name="uq_bkt_events_event_skill"),
     sa.Index("ix_bkt_events_user_skill", "user_id", "skill"),
@@ -244,7 +247,7 @@ def _check_time(where: str, value: Any, now: datetime) -> datetime:
     return value
 
 
-_EXAM_FIELDS = {"event_id", "correct", "skills", "time"}
+_EXAM_FIELDS = {"event_id", "correct", "skills", "time", "item_id"}
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,7 @@ class _Item:
     skill: str
     correct: bool
     time: datetime
+    item: str | None = None
 
 
 @dataclass(frozen=True)
@@ -280,7 +284,8 @@ RETURNING m.user_id, m.skill, m.p_mastery, m.attempts, m.correct_attempts, m.par
     m.updated_at
 """
 _PG_LOGGED = """
-SELECT event_id, user_id, skill, correct FROM bkt_events WHERE event_id = ANY(%(ids)s::text[])
+SELECT event_id, user_id, skill, correct, item_id FROM bkt_events
+WHERE event_id = ANY(%(ids)s::text[])
 """
 # Batch ids are drawn first (MATERIALIZED: once per batch), events point at
 # their batch by its position k, and are inserted in array order (ORDER BY
@@ -296,11 +301,13 @@ WITH ids AS MATERIALIZED (
     INSERT INTO bkt_batches (batch_id, user_id, source, received_at, n_events)
     SELECT id, u, src, %(now)s, n FROM ids
 ), e AS (
-    INSERT INTO bkt_events (event_id, user_id, skill, correct, event_time, source, batch_id)
-    SELECT e.id, e.u, e.s, e.c, e.t, e.src, ids.id
+    INSERT INTO bkt_events
+        (event_id, user_id, skill, correct, event_time, source, batch_id, item_id)
+    SELECT e.id, e.u, e.s, e.c, e.t, e.src, ids.id, e.it
     FROM unnest(%(e_id)s::text[], %(e_user)s::text[], %(e_skill)s::text[], %(e_correct)s::bool[],
-                %(e_time)s::timestamptz[], %(e_source)s::text[], %(e_k)s::bigint[])
-        WITH ORDINALITY AS e(id, u, s, c, t, src, k, ord)
+                %(e_time)s::timestamptz[], %(e_source)s::text[], %(e_k)s::bigint[],
+                %(e_item)s::text[])
+        WITH ORDINALITY AS e(id, u, s, c, t, src, k, it, ord)
     JOIN ids ON ids.k = e.k
     ORDER BY e.ord
 )
@@ -383,16 +390,20 @@ class MasteryStore:
             self._tracers: tuple[ParamTable, dict[tuple[str, str | None], Any]] = (table, {})
 
     def _tracer(
-        self, skill: str, user: str, params: ParamTable | None = None
+        self, skill: str, user: str, params: ParamTable | None = None, item: str | None = None
     ) -> BayesianKnowledgeTracer:
         params = self.params if params is None else params
+        if item is not None and not (
+            params.item_params and item in params.item_params.get(skill, {})
+        ):
+            item = None  # skill-level guess and slip
         owner, cache = self._tracers
         if owner is not params:
-            return BayesianKnowledgeTracer(params.params_for(skill, user))
-        key = (skill, user if params.students else None)
+            return BayesianKnowledgeTracer(params.params_for(skill, user, item))
+        key = (skill, user if params.students else None, item)
         hit = cache.get(key)
         if hit is None:
-            hit = BayesianKnowledgeTracer(params.params_for(skill, user))
+            hit = BayesianKnowledgeTracer(params.params_for(skill, user, item))
             if len(cache) > 100_000:
                 cache.clear()
             cache[key] = hit
@@ -409,6 +420,17 @@ class MasteryStore:
             if row is None:
                 conn.execute(
                     sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
+            elif int(row[0]) == 1:
+                # Version 1 -> 2: the optional item column (existing events
+                # have none, and replay at skill level as before).
+                conn.exec_driver_sql(
+                    f"ALTER TABLE bkt_events ADD COLUMN item_id VARCHAR({MAX_ID_LENGTH})"
+                )
+                conn.execute(
+                    sa.update(meta_table)
+                    .where(meta_table.c.key == "schema_version")
+                    .values(value=str(SCHEMA_VERSION))
                 )
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreInputError(
@@ -447,6 +469,7 @@ class MasteryStore:
         event_ids: Sequence[str] | None = None,
         source: str = "flashcard",
         times: Sequence[datetime | str | None] | None = None,
+        items: Sequence[str | None] | None = None,
     ) -> RecordResult:
         """Log a sequence of responses of one user on one skill (one batch) and
         update the mastery row, in one transaction.
@@ -465,12 +488,15 @@ class MasteryStore:
             ``"flashcard"``, ``"exam"`` or ``"import"``.
         times : sequence, optional
             Each response's own time (recorded; history is ordered by arrival).
+        items : sequence of str or None, optional
+            The item each response answered: where the parameter table has
+            item-level guess and slip for (skill, item), they score it.
 
         Returns
         -------
         RecordResult
         """
-        req = self.flashcard_request(user, skill, responses, event_ids, source, times)
+        req = self.flashcard_request(user, skill, responses, event_ids, source, times, items)
         return self._write(req)
 
     @staticmethod
@@ -481,6 +507,7 @@ class MasteryStore:
         event_ids: Sequence[str] | None = None,
         source: str = "flashcard",
         times: Sequence[datetime | str | None] | None = None,
+        items: Sequence[str | None] | None = None,
     ) -> WriteRequest:
         """Validate the arguments of :meth:`record_responses` into a request
         for :meth:`write_group` (raises :class:`StoreInputError`)."""
@@ -500,9 +527,19 @@ class MasteryStore:
                 raise StoreInputError(f"event_ids has {len(event_ids)} items, responses has {n}")
         if times is not None and len(times) != n:
             raise StoreInputError(f"times has {len(times)} items, responses has {n}")
+        if items is not None:
+            if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+                raise StoreInputError("items must be a list of item ids (or null)")
+            items = list(items)
+            if len(items) != n:
+                raise StoreInputError(f"items has {len(items)} entries, responses has {n}")
+        item_ids = [
+            None if items is None or items[i] is None else _check_id(f"items[{i}]", items[i])
+            for i in range(n)
+        ]
         now = datetime.now(UTC)
-        items: list[_Item] = []
-        first: dict[str, bool] = {}
+        out: list[_Item] = []
+        first: dict[str, tuple[bool, str | None]] = {}
         repeated: list[str] = []
         for i in range(n):
             eid = _new_id() if event_ids[i] is None else _check_id(f"event_ids[{i}]", event_ids[i])
@@ -511,16 +548,16 @@ class MasteryStore:
             # An id sent twice in one call is a retry inside the call: the
             # same rule as across calls (kept once, or a conflict).
             if eid in first:
-                if first[eid] != c:
+                if first[eid] != (c, item_ids[i]):
                     raise EventConflictError(
                         f"event_ids[{i}] {eid!r} appears twice in this call with different "
                         "answers; nothing was written"
                     )
                 repeated.append(eid)
                 continue
-            first[eid] = c
-            items.append(_Item(eid, skill, c, t))
-        return WriteRequest(user, tuple(items), _check_source(source), tuple(repeated))
+            first[eid] = (c, item_ids[i])
+            out.append(_Item(eid, skill, c, t, item_ids[i]))
+        return WriteRequest(user, tuple(out), _check_source(source), tuple(repeated))
 
     def record_exam_answers(
         self, user: str, answers: Sequence[Mapping[str, Any]], source: str = "exam"
@@ -533,8 +570,9 @@ class MasteryStore:
         user : str
         answers : sequence of mappings
             Each ``{"event_id": str, "correct": bool | 0/1, "skills": [str, ...]}``
-            and optionally ``"time"``. An answer tagged with k skills is k log
-            rows sharing its event id (one per skill).
+            and optionally ``"time"`` and ``"item_id"`` (the question). An
+            answer tagged with k skills is k log rows sharing its event id (one
+            per skill).
         """
         return self._write(self.exam_request(user, answers, source))
 
@@ -552,7 +590,7 @@ class MasteryStore:
             raise StoreInputError(f"answers must hold 1 to {MAX_BATCH} items, got {len(answers)}")
         now = datetime.now(UTC)
         items: list[_Item] = []
-        seen: dict[str, tuple[bool, frozenset[str]]] = {}
+        seen: dict[str, tuple[bool, frozenset[str], str | None]] = {}
         repeated: list[str] = []
         for i, a in enumerate(answers):
             where = f"answers[{i}]"
@@ -575,7 +613,9 @@ class MasteryStore:
             if len(set(skills)) != len(skills):
                 raise StoreInputError(f"{where}.skills lists a skill twice")
             t = _check_time(f"{where}.time", a.get("time"), now)
-            content = (c, frozenset(skills))
+            item = a.get("item_id")
+            item = None if item is None else _check_id(f"{where}.item_id", item)
+            content = (c, frozenset(skills), item)
             if eid in seen:
                 if seen[eid] != content:
                     raise EventConflictError(
@@ -585,7 +625,7 @@ class MasteryStore:
                 repeated.append(eid)
                 continue
             seen[eid] = content
-            items.extend(_Item(eid, s, c, t) for s in skills)
+            items.extend(_Item(eid, s, c, t, item) for s in skills)
         return WriteRequest(user, tuple(items), _check_source(source), tuple(repeated))
 
     def _write(self, request: WriteRequest) -> RecordResult:
@@ -732,9 +772,9 @@ class MasteryStore:
         Fills ``results``; returns the accepted requests and the touched rows."""
         state = {k: v[:3] for k, v in locked.items()}
         stored = {k: (v[3], _aware(v[4])) for k, v in locked.items()}
-        have: dict[str, set[tuple[str, str, bool]]] = {}
-        for eid, u, s, c in logged:
-            have.setdefault(eid, set()).add((u, s, bool(c)))
+        have: dict[str, set[tuple[str, str, bool, str | None]]] = {}
+        for eid, u, s, c, item in logged:
+            have.setdefault(eid, set()).add((u, s, bool(c), item))
         accepted: list[tuple[int, WriteRequest, list[_Item]]] = []
         touched: dict[tuple[str, str], MasteryRow] = {}
         for i, r in enumerate(requests):
@@ -745,16 +785,16 @@ class MasteryStore:
                 continue
             new = [it for it in r.items if it.event_id not in dups]
             for it in new:
-                have.setdefault(it.event_id, set()).add((r.user, it.skill, it.correct))
+                have.setdefault(it.event_id, set()).add((r.user, it.skill, it.correct, it.item))
             rows: dict[str, MasteryRow] = {}
             for s in sorted({it.skill for it in r.items}):
-                mine = [it.correct for it in new if it.skill == s]
+                mine = [(it.correct, it.item) for it in new if it.skill == s]
                 p, att, cor = state[(r.user, s)]
                 known = params.lookup(s)[1]
                 if mine:
-                    tracer = self._tracer(s, r.user, params)
-                    for c in mine:
-                        p = tracer.update(p, c)
+                    for c, item in mine:
+                        p = self._tracer(s, r.user, params, item).update(p, c)
+                    mine = [c for c, _ in mine]
                     p = clamp(p)
                     att += len(mine)
                     cor += sum(mine)
@@ -778,12 +818,18 @@ class MasteryStore:
 
     # The statements of a write in their portable SQLAlchemy form (SQLite and
     # any other database); PostgreSQL uses _apply_pg.
-    def _logged(self, conn: sa.Connection, ids: list[str]) -> list[tuple[str, str, str, bool]]:
+    def _logged(
+        self, conn: sa.Connection, ids: list[str]
+    ) -> list[tuple[str, str, str, bool, str | None]]:
         out = []
         for lo in range(0, len(ids), 5000):
             out += conn.execute(
                 sa.select(
-                    events.c.event_id, events.c.user_id, events.c.skill, events.c.correct
+                    events.c.event_id,
+                    events.c.user_id,
+                    events.c.skill,
+                    events.c.correct,
+                    events.c.item_id,
                 ).where(events.c.event_id.in_(ids[lo : lo + 5000]))
             ).all()
         return out
@@ -817,6 +863,7 @@ class MasteryStore:
                     "event_time": it.time,
                     "source": r.source,
                     "batch_id": b,
+                    "item_id": it.item,
                 }
                 for (_, r, new), b in zip(accepted, ids, strict=True)
                 for it in new
@@ -1087,14 +1134,14 @@ def _check_source(source: Any) -> str:
 
 
 def _duplicates(
-    user: str, items: Sequence[_Item], have: Mapping[str, set[tuple[str, str, bool]]]
+    user: str, items: Sequence[_Item], have: Mapping[str, set[tuple[str, str, bool, str | None]]]
 ) -> set[str]:
     """Ids of ``items`` already logged with the same content; raise on reuse
-    of an id for different content (another user, skill set or answer)."""
-    want: dict[str, set[tuple[str, str, bool]]] = {}
+    of an id for different content (another user, skill set, answer or item)."""
+    want: dict[str, set[tuple[str, str, bool, str | None]]] = {}
     for it in items:
         if it.event_id in have:
-            want.setdefault(it.event_id, set()).add((user, it.skill, it.correct))
+            want.setdefault(it.event_id, set()).add((user, it.skill, it.correct, it.item))
     for eid, rows in want.items():
         if rows != have[eid]:
             raise EventConflictError(
@@ -1120,6 +1167,7 @@ def _pg_log_params(
         "e_time": [it.time for it, _, _ in ev],
         "e_source": [r.source for _, r, _ in ev],
         "e_k": [k for _, _, k in ev],
+        "e_item": [it.item for it, _, _ in ev],
     }
 
 

@@ -108,6 +108,53 @@ def test_flashcard_session_round_trip(server, client):
     assert again["recorded"] == 0 and again["duplicates"] == ["a"]
 
 
+def test_item_ids_over_http(db_url):
+    """A flashcard response and an exam answer carrying item ids are scored
+    with the items' guess and slip, as the store computes them directly."""
+    items = {"fractions": {"card7": {"p_guess": 0.45, "p_slip": 0.02}}}
+    table = ParamTable({"fractions": BKTParams()}, BKTParams(), model="test", items=items)
+    store = MasteryStore(db_url, table)
+    with (
+        _Server(store, KEY) as srv,
+        httpx.Client(base_url=srv.url, headers={"X-API-Key": KEY}, timeout=30) as c,
+    ):
+        r = c.post(
+            "/v1/flashcard-sessions",
+            json={
+                "user_id": "ann",
+                "skill": "fractions",
+                "responses": [{"correct": True, "item_id": "card7"}, {"correct": False}],
+            },
+        )
+        assert r.status_code == 200, r.text
+        r = c.post(
+            "/v1/exam-answers",
+            json={
+                "user_id": "ann",
+                "answers": [
+                    {"event_id": "x", "correct": True, "skills": ["fractions"], "item_id": "card7"}
+                ],
+            },
+        )
+        assert r.status_code == 200, r.text
+        got = r.json()["mastery"][0]["p_mastery"]
+    # The reference: the tracer with params_for(skill, item), clamped after each batch.
+    p = table.params_for("fractions").p_init
+    for y, it in [(True, "card7"), (False, None)]:
+        p = _step(table, it, p, y)
+    p = min(0.99, max(0.01, p))
+    p = min(0.99, max(0.01, _step(table, "card7", p, True)))
+    assert got == pytest.approx(p, abs=1e-12)
+    assert store.events("ann")["item_id"].tolist() == ["card7", None, "card7"]
+    store.close()
+
+
+def _step(table, item, p, y):
+    from bktbayes.tracing import BayesianKnowledgeTracer
+
+    return BayesianKnowledgeTracer(table.params_for("fractions", item=item)).update(p, y)
+
+
 def test_exam_answers_and_unseen_skill(client):
     r = client.post(
         "/v1/exam-answers",

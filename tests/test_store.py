@@ -436,3 +436,84 @@ def test_store_imports_no_pymc():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _item_table() -> ParamTable:
+    t = _table()
+    items = {
+        "s0": {"q1": {"p_guess": 0.45, "p_slip": 0.02}, "q2": {"p_guess": 0.05, "p_slip": 0.3}}
+    }
+    return ParamTable(dict(t), t.default, model="test", created=t.created, items=items)
+
+
+def test_item_level_rows_equal_tracer_and_recalculate(db_url):
+    """Responses tagged with items are scored with the item's guess and slip
+    (the skill's for items the table lacks); the log keeps the item, so the
+    recalculation reproduces the rows exactly."""
+    params = _item_table()
+    store = MasteryStore(db_url, params)
+    rng = np.random.default_rng(21)
+    batches = []
+    for _ in range(12):
+        n = int(rng.integers(1, 6))
+        ys = [bool(v) for v in rng.random(n) < 0.6]
+        its = [str(rng.choice(["q1", "q2", "q9"])) if rng.random() < 0.8 else None for _ in ys]
+        store.record_responses("ann", "s0", ys, items=its)
+        batches.append((ys, its))
+    store.record_exam_answers(
+        "ann", [{"event_id": "x1", "correct": True, "skills": ["s0", "s1"], "item_id": "q2"}]
+    )
+    batches.append(([True], ["q2"]))
+    # The reference: the scalar tracer stepping with params_for(skill, item),
+    # clamped where the store clamps (after each batch).
+    p = params.params_for("s0").p_init
+    for ys, its in batches:
+        for y, it in zip(ys, its, strict=True):
+            p = BayesianKnowledgeTracer(params.params_for("s0", item=it)).update(p, y)
+        p = min(0.99, max(0.01, p))
+    row = store.mastery("ann", "s0")
+    assert row.p_mastery == pytest.approx(p, abs=1e-12)
+    skill_only = BayesianKnowledgeTracer(params.params_for("s0"))
+    q = params.params_for("s0").p_init
+    for ys, _ in batches:
+        for y in ys:
+            q = skill_only.update(q, y)
+        q = min(0.99, max(0.01, q))
+    assert abs(row.p_mastery - q) > 1e-3  # the items changed the answer
+    log = store.events("ann")
+    assert set(log["item_id"]) >= {"q1", "q2", None}
+    before = {s: r.p_mastery for s, r in store.mastery("ann").items()}
+    store.recalculate()
+    after = {s: r.p_mastery for s, r in store.mastery("ann").items()}
+    assert after == pytest.approx(before, abs=1e-12)
+
+
+def test_item_id_is_part_of_an_events_content(db_url):
+    store = MasteryStore(db_url, _item_table())
+    store.record_responses("ann", "s0", [1], event_ids=["e1"], items=["q1"])
+    assert store.record_responses("ann", "s0", [1], event_ids=["e1"], items=["q1"]).recorded == 0
+    with pytest.raises(EventConflictError, match="e1"):
+        store.record_responses("ann", "s0", [1], event_ids=["e1"], items=["q2"])
+    with pytest.raises(StoreInputError, match="items has 2 entries"):
+        store.record_responses("ann", "s0", [1], items=["q1", "q2"])
+    with pytest.raises(StoreInputError, match=r"items\[0\]"):
+        store.record_responses("ann", "s0", [1], items=[""])
+    assert _count(store, events) == 1
+
+
+def test_schema_1_database_is_migrated(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = MasteryStore(url, _table())
+    store.record_responses("ann", "s0", [1, 0, 1])
+    with store.engine.begin() as c:  # back to a version-1 database
+        c.exec_driver_sql("ALTER TABLE bkt_events DROP COLUMN item_id")
+        c.exec_driver_sql("UPDATE bkt_meta SET value = '1' WHERE key = 'schema_version'")
+    store.close()
+    with pytest.raises(StoreInputError, match="schema version 2"):
+        MasteryStore(url, create=False)
+    again = MasteryStore(url, _item_table())
+    assert again.events("ann")["item_id"].tolist() == [None] * 3
+    again.record_responses("ann", "s0", [1], items=["q1"])
+    before = again.mastery("ann", "s0").p_mastery
+    again.recalculate()
+    assert again.mastery("ann", "s0").p_mastery == pytest.approx(before, abs=1e-12)
