@@ -11,6 +11,7 @@ and every database has the portable SQLAlchemy path.
 from __future__ import annotations
 
 import io
+import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -285,8 +286,8 @@ def write_partitioned(
     Parameters
     ----------
     events : pandas.DataFrame
-        Canonical columns ``user_id, skill, correct, order`` (others, e.g. a
-        batch column, are kept).
+        Canonical columns ``user_id, skill, correct, order``; ``item_id``
+        and the ``batch`` column are kept when present, other columns dropped.
     path : directory to create (must not exist or be empty)
     n_partitions : int
     batch : str, optional
@@ -311,7 +312,11 @@ def write_partitioned(
     bucket = (keys % np.uint64(n_partitions)).astype(np.int64)
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(n_partitions + 1))
+    # The item column travels too: a table with item-level guess and slip
+    # scores the partitions as replay scores the whole.
     cols = list(_PART_COLUMNS) + ([batch] if batch else [])
+    if "item_id" in events.columns:
+        cols.append("item_id")
     table = pa.Table.from_pandas(events[cols], preserve_index=False)
     files = []
     for i in range(n_partitions):
@@ -324,15 +329,17 @@ def write_partitioned(
 
 
 def _replay_file(
-    src: str, dst: str, params_doc: dict[str, Any], batch: str | None
+    src: str, dst: str, params_json: str, batch: str | None
 ) -> tuple[int, int, list[str]]:
     """Replay one partition file and write its mastery table (a Dask task)."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .tracing import replay
 
-    params = ParamTable.from_dict(params_doc)
+    params = ParamTable.from_dict(json.loads(params_json))
     table = pq.read_table(src)
     if table.num_rows == 0:
         return 0, 0, []
@@ -397,12 +404,14 @@ def replay_partitioned(
     elif isinstance(client, str):
         own = client = Client(client)
     try:
-        doc = params.to_dict()
+        # As JSON text: Dask walks dict arguments looking for tasks (a table
+        # with nested item dicts made its scheduler fail an assertion).
+        doc = json.dumps(params.to_dict())
         futures = client.map(
             _replay_file,
             [str(f) for f in files],
             [str(out / f.name) for f in files],
-            params_doc=doc,
+            params_json=doc,
             batch=batch,
             pure=False,
         )

@@ -53,10 +53,25 @@ def test_dask_replay_equals_single_process_on_bundled_data(cluster, tmp_path):
             assert owners.setdefault(u, i) == i
     assert sum(pq.read_metadata(f).num_rows for f in files) == len(events)
 
-    params = _table()
+    # Half the skills known, and item-level guess and slip for the 300 most
+    # answered (skill, item) pairs: the partitions carry the items too.
+    rng = np.random.default_rng(1)
+    skills = sorted(events["skill"].astype(str).unique())[::2]
+    top = events.groupby(["skill", "item_id"], observed=True).size().sort_values().index[-300:]
+    items: dict[str, dict[str, dict[str, float]]] = {}
+    for s, i in top:
+        if str(s) in skills:
+            g, sl = rng.uniform(0.05, 0.4), rng.uniform(0.02, 0.2)
+            items.setdefault(str(s), {})[str(i)] = {"p_guess": g, "p_slip": sl}
+    base = _table()
+    params = ParamTable(
+        {s: base[str(k % 60)] for k, s in enumerate(skills)}, BKTParams(), model="t", items=items
+    )
     out = replay_partitioned(tmp_path / "events", params, tmp_path / "mastery", client=cluster)
     got = pd.read_parquet(out).sort_values(["user_id", "skill"]).reset_index(drop=True)
-    ref = replay(events, params).mastery_frame()
+    whole = replay(events, params)
+    assert whole.n_item_level > 10_000
+    ref = whole.mastery_frame()
     ref = ref.assign(user_id=ref["user_id"].astype(str), skill=ref["skill"].astype(str))
     ref = ref.sort_values(["user_id", "skill"]).reset_index(drop=True)
     assert len(got) == len(ref)
