@@ -18,7 +18,7 @@ from bktbayes.models import (
     ConvergenceWarning,
 )
 from bktbayes.ops import BKTLogLik, BKTPrefixLogLik, BKTSkillLogLik
-from bktbayes.params import BKTParams, ParamTable
+from bktbayes.params import SCHEMA_VERSION, BKTParams, ParamTable
 from bktbayes.simulate import simulate
 from bktbayes.tracing import replay
 
@@ -262,7 +262,7 @@ def test_export_with_draws_serves_intervals(fitted, sim, tmp_path):
     model, _ = fitted
     table = model.export_params(n_draws=40)
     back = ParamTable.from_json(table.to_json(tmp_path / "p.json"))
-    assert back.n_draws == 40 and back.to_dict()["schema_version"] == 3
+    assert back.n_draws == 40 and back.to_dict()["schema_version"] == SCHEMA_VERSION
     m = replay(df, back, interval=0.9).mastery
     assert np.all(m["p_mastery_lower"] <= m["p_mastery_upper"])
     assert (m["p_mastery_upper"] - m["p_mastery_lower"]).max() > 0.0
