@@ -788,16 +788,15 @@ class MasteryStore:
                 have.setdefault(it.event_id, set()).add((r.user, it.skill, it.correct, it.item))
             rows: dict[str, MasteryRow] = {}
             for s in sorted({it.skill for it in r.items}):
-                mine = [(it.correct, it.item) for it in new if it.skill == s]
+                mine = [it for it in new if it.skill == s]
                 p, att, cor = state[(r.user, s)]
                 known = params.lookup(s)[1]
                 if mine:
-                    for c, item in mine:
-                        p = self._tracer(s, r.user, params, item).update(p, c)
-                    mine = [c for c, _ in mine]
+                    for it in mine:
+                        p = self._tracer(s, r.user, params, it.item).update(p, it.correct)
                     p = clamp(p)
                     att += len(mine)
-                    cor += sum(mine)
+                    cor += sum(it.correct for it in mine)
                     state[(r.user, s)] = (p, att, cor)
                     row = MasteryRow(r.user, s, p, att, cor, mastery_status(p), version, now, known)
                     touched[(r.user, s)] = row
