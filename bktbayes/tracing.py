@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -507,10 +507,13 @@ def _item_draw_guess_slip(
     params: ParamTable,
     point: tuple[np.ndarray, np.ndarray],
     dm: np.ndarray,
-) -> list[tuple[np.ndarray, np.ndarray]]:
+) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
     """Per-draw per-response guess and slip: each skill's draw for skill-level
     responses, each item's draw where the table carries the item's draws (its
-    posterior mean, as in ``point``, where it carries none)."""
+    posterior mean, as in ``point``, where it carries none).
+
+    Returns ``for_draw(d)``: one draw's two arrays are built when asked for,
+    so memory stays at one draw's responses, not all draws'."""
     lock_skill, ev_pair, pairs = index
     n = dm.shape[2]
     item_g = np.empty((len(pairs), n))
@@ -525,16 +528,18 @@ def _item_draw_guess_slip(
     drawn = hit.copy()
     drawn[hit] = have[ev_pair[hit]]
     fixed = hit & ~drawn
-    out = []
-    for d in range(n):
+    drawn_pair = ev_pair[drawn]
+
+    def for_draw(d: int) -> tuple[np.ndarray, np.ndarray]:
         g = np.ascontiguousarray(dm[lock_skill, 2, d])
         s = np.ascontiguousarray(dm[lock_skill, 3, d])
-        g[drawn] = item_g[ev_pair[drawn], d]
-        s[drawn] = item_s[ev_pair[drawn], d]
+        g[drawn] = item_g[drawn_pair, d]
+        s[drawn] = item_s[drawn_pair, d]
         g[fixed] = point[0][fixed]
         s[fixed] = point[1][fixed]
-        out.append((g, s))
-    return out
+        return g, s
+
+    return for_draw
 
 
 def _plain(v: Any) -> Any:
@@ -911,16 +916,16 @@ def replay_packed(
         used = [skill_values[i] for i in used_skills]
         dm = np.zeros((len(skill_values), 5, params.n_draws))
         dm[used_skills] = np.array([params.draw_matrix(s) for s in used])
-        ev_draws = None
+        item_draw = None
         if item_index is not None:
-            ev_draws = _item_draw_guess_slip(item_index, params, (ev_g, ev_s), dm)
+            item_draw = _item_draw_guess_slip(item_index, params, (ev_g, ev_s), dm)
         finals = np.empty((params.n_draws, packed.n_seqs))
         for d in range(params.n_draws):
             sp = _student_adjust(dm[packed.seq_skill, :, d], seq_users, students)
-            if ev_draws is None:
+            if item_draw is None:
                 finals[d] = run(sp)
             else:
-                finals[d] = run(sp, *ev_draws[d])
+                finals[d] = run(sp, *item_draw(d))
         lo, hi = np.quantile(finals, [(1 - interval) / 2, (1 + interval) / 2], axis=0)
         extra = {
             "p_mastery_lower": lo,
