@@ -11,6 +11,9 @@ Parts (``--part``, default all):
   (target <= 2 minutes, same diagnostics).
 * ``bundled``: the hierarchical model on the bundled ASSISTments data (110
   skills, 325k responses), 4 x 1,000 draws (target <= 2 minutes).
+* ``mode`` (not in ``all``): one skill's posterior given the population
+  hyperparameters, 8 chains x 5,000 draws: is the high-transit region some
+  bundled fits' chains sit in a real second mode, and how much mass has it?
 * ``fast``: per-skill maximum likelihood on each training fold (four of the
   five ``fold`` folds) of the bundled data: seconds (target <= 0.2 with the
   numba cache warm) and training log-likelihood.
@@ -70,6 +73,7 @@ def report(label: str, m: BKTModel, wall: float) -> None:
         f"BFMI {[round(b, 2) for b in d['bfmi'] or []]}"
     )
     print(f"  worst R-hat {d['worst_rhat'][:3]}")
+    print(f"  per-chain means of the worst: {[round(x, 4) for x in d['worst_rhat_chain_means']]}")
     print(f"  worst bulk ESS {d['worst_ess_bulk'][:3]}")
     stats = m.idata["sample_stats"]
     if "n_steps" in stats:
@@ -126,6 +130,70 @@ def part_bundled(seed: int) -> None:
     print(f"  centred skills per group: {m.fit_info['centered']}")
 
 
+def part_mode(skill: str, seed: int, fit_dir: str | None) -> None:
+    """One skill's posterior given the population hyperparameters, sampled long.
+
+    The bundled fit's R-hat misses (some seeds) are one chain of four sitting
+    at a high transit of "Volume Sphere" for hundreds of draws. This part asks
+    whether that is a real second mode and how much mass it holds: the skill's
+    logits get the hierarchical prior Normal(mu_g, sigma_g) with the
+    hyperparameters fixed (posterior means of a saved fit, ``--fit DIR``, or
+    else the population moments of the per-skill ML estimates that start the
+    chains), and 8 chains x 5,000 draws are run on that skill's data alone.
+    """
+    df = load_events(BUNDLED)
+    if fit_dir:
+        post = BKTModel.load(fit_dir).idata["posterior"]
+        hyper = {
+            g: (float(post[f"mu_{g}"].mean()), float(post[f"sigma_{g}"].mean()))
+            for g in ("init", "transit", "guess", "slip")
+        }
+        source = f"posterior means of {fit_dir}"
+    else:
+        m = BKTModel()
+        m.build_model(df)
+        pts = m._initial_points(m._fast_estimate_cached())
+        hyper = {
+            g: (float(pts[f"mu_{g}"]), float(pts[f"sigma_{g}"]))
+            for g in ("init", "transit", "guess", "slip")
+        }
+        source = "population moments of the per-skill ML estimates"
+    print(
+        f"hyperparameters ({source}): "
+        + ", ".join(f"{g} {mu:.2f}/{sd:.2f}" for g, (mu, sd) in hyper.items())
+    )
+    one = df[df["skill"] == skill]
+    if one.empty:
+        raise SystemExit(f"no skill {skill!r} in the bundled data")
+    pri = {f"mu_{g}": {"mu": mu, "sigma": sd} for g, (mu, sd) in hyper.items()}
+    m1 = BKTModel(pooling="none", priors=pri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        idata = m1.fit(one, draws=5000, tune=1000, chains=8, random_seed=seed, progressbar=False)
+    p = idata["posterior"]
+    tr = p["p_transit"].values[:, :, 0]
+    init = p["p_init"].values[:, :, 0].ravel()
+    guess = p["p_guess"].values[:, :, 0].ravel()
+    lt = np.log(tr / (1 - tr)).ravel()
+    print(
+        f"{skill}: {len(one):,} responses; 8 chains x 5,000 draws; "
+        f"max R-hat {m1.diagnostics['max_rhat']:.4f}"
+    )
+    hist, edges = np.histogram(lt, bins=np.arange(-7.0, 4.01, 0.5))
+    print(
+        "  logit p_transit histogram (bin start: draws): "
+        + ", ".join(f"{e:.1f}: {h}" for e, h in zip(edges, hist, strict=False) if h)
+    )
+    hi = lt > np.log(0.2 / 0.8)
+    per_chain = np.round((tr > 0.2).mean(axis=1), 3).tolist()
+    print(
+        f"  P(p_transit > 0.2) = {hi.mean():.4f} (per chain {per_chain}); "
+        f"below 0.2: mean p_init {init[~hi].mean():.3f}, p_guess {guess[~hi].mean():.3f}, "
+        f"p_transit {tr.ravel()[~hi].mean():.3f}; above: p_init {init[hi].mean():.3f}, "
+        f"p_guess {guess[hi].mean():.3f}, p_transit {tr.ravel()[hi].mean():.3f}"
+    )
+
+
 def part_fast() -> None:
     df = load_events(BUNDLED)
     m = BKTModel()
@@ -147,9 +215,11 @@ def part_fast() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--part", choices=["recovery", "students", "bundled", "fast", "all"], default="all"
+        "--part", choices=["recovery", "students", "bundled", "fast", "mode", "all"], default="all"
     )
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--skill", default="Volume Sphere", help="mode: the skill to sample")
+    ap.add_argument("--fit", default=None, help="mode: a saved fit whose hyperparameters to use")
     args = ap.parse_args()
     if args.part in ("fast", "all"):
         part_fast()
@@ -159,6 +229,8 @@ def main() -> None:
         part_students(args.seed)
     if args.part in ("bundled", "all"):
         part_bundled(args.seed)
+    if args.part == "mode":
+        part_mode(args.skill, args.seed, args.fit)
 
 
 if __name__ == "__main__":

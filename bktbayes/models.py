@@ -1002,6 +1002,11 @@ class BKTModel:
         worst_r = sorted(r_items, key=lambda x: -x[1])[:5]
         worst_e = sorted(eb_items, key=lambda x: x[1])[:5]
         ok = max_r <= rhat_max and min_eb >= ess_min and min_et >= ess_min and div == 0
+        # Per-chain means of the worst parameter: one chain apart from the
+        # others (a sojourn in a minor mode) reads differently from all chains
+        # drifting together (too few draws).
+        j = int(np.argmax([r for _, r in r_items]))
+        chain_means = [float(x) for x in draws[:, :, j].mean(axis=1)]
         out = {
             "max_rhat": float(max_r),
             "min_ess_bulk": float(min_eb),
@@ -1010,11 +1015,13 @@ class BKTModel:
             "bfmi": bfmi,
             "worst_rhat": [(n, float(r)) for n, r in worst_r],
             "worst_ess_bulk": [(n, float(e)) for n, e in worst_e],
+            "worst_rhat_chain_means": chain_means,
             "ok": bool(ok),
         }
         if warn and not ok:
             warnings.warn(
-                f"fit diagnostics fail: max R-hat {max_r:.3f} (worst {worst_r[:3]}), "
+                f"fit diagnostics fail: max R-hat {max_r:.3f} (worst {worst_r[:3]}; per-chain "
+                f"means of {labels[j]}: {', '.join(f'{m:.4g}' for m in chain_means)}), "
                 f"min bulk ESS {min_eb:.0f} (worst {worst_e[:3]}), min tail ESS {min_et:.0f}, "
                 f"{div} divergences",
                 ConvergenceWarning,

@@ -56,3 +56,31 @@ def test_diagnostics_reject_bad_shapes():
         rhat_rank(np.zeros((4, 100)))
     with pytest.raises(ValueError, match="at least 4 draws"):
         ess_bulk(np.zeros((4, 3, 2)))
+
+
+def test_check_diagnostics_warning_shows_the_chain_apart():
+    # A fit where one chain of four sits elsewhere for one parameter: the
+    # warning names that parameter and prints the per-chain means, so a
+    # sojourn in a minor mode is told apart from chains drifting together.
+    from bktbayes.models import BKTModel, ConvergenceWarning
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 500, 3))
+    x[2, :, 1] += 5.0
+    post = xr.Dataset(
+        {"p_transit": (("chain", "draw", "skill"), 0.05 + 0.01 * x)},
+        coords={"skill": ["a", "b", "c"]},
+    )
+    stats = xr.Dataset(
+        {
+            "diverging": (("chain", "draw"), np.zeros((4, 500), dtype=bool)),
+            "energy": (("chain", "draw"), rng.normal(size=(4, 500))),
+        }
+    )
+    idata = xr.DataTree.from_dict({"posterior": post, "sample_stats": stats})
+    with pytest.warns(ConvergenceWarning, match=r"per-chain means of p_transit\[b\]") as rec:
+        out = BKTModel().check_diagnostics(idata)
+    assert out["worst_rhat"][0][0] == "p_transit[b]" and not out["ok"]
+    means = out["worst_rhat_chain_means"]
+    np.testing.assert_allclose(means, 0.05 + 0.01 * x[:, :, 1].mean(axis=1), rtol=1e-12)
+    assert f"{means[2]:.4g}" in str(rec[0].message)
