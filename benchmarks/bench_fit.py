@@ -14,6 +14,9 @@ Parts (``--part``, default all):
 * ``mode`` (not in ``all``): one skill's posterior given the population
   hyperparameters, 8 chains x 5,000 draws: is the high-transit region some
   bundled fits' chains sit in a real second mode, and how much mass has it?
+* ``stan-subset`` (not in ``all``): bktbayes' side of the Stan comparison
+  (``benchmarks/stan/bench_stan.py --full``): CPU time and ESS per CPU second
+  on the same ~37k-response subset.
 * ``fast``: per-skill maximum likelihood on each training fold (four of the
   five ``fold`` folds) of the bundled data: seconds (target <= 0.2 with the
   numba cache warm) and training log-likelihood.
@@ -194,6 +197,41 @@ def part_mode(skill: str, seed: int, fit_dir: str | None) -> None:
     )
 
 
+def part_stan_subset(seed: int) -> None:
+    """bktbayes' side of the Stan comparison: the same ~37k-response subset
+    (``benchmarks/stan/bench_stan.py``), 4 x 1,000 + 1,000, CPU seconds (nutpie
+    samples in threads of this process) and min bulk ESS of the population
+    means per CPU second."""
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_stan", Path(__file__).resolve().parent / "stan" / "bench_stan.py"
+    )
+    bench_stan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_stan)
+    keep = bench_stan.subset_users(pd.read_parquet(BUNDLED), 37_000)
+    df = load_events(BUNDLED)
+    df = df[df["user_id"].isin(set(keep))]
+    if len(df) == 0:
+        raise SystemExit("the subset is empty: user ids do not match the raw file")
+    m = BKTModel()
+    c0 = time.process_time()
+    wall = timed_fit(m, df, seed)
+    cpu = time.process_time() - c0
+    report(f"Stan subset ({len(df):,} responses, {df['skill'].nunique()} skills)", m, wall)
+    from bktbayes.diagnostics import ess_bulk
+
+    post = m.idata["posterior"]
+    mus = np.stack([post[f"mu_{g}"].values for g in ("init", "transit", "guess", "slip")], -1)
+    ess = float(ess_bulk(mus).min())
+    print(
+        f"  CPU {cpu:.1f} s (fit, compile included); min bulk ESS of mu {ess:.0f} = "
+        f"{ess / cpu:.1f} per CPU second"
+    )
+
+
 def part_fast() -> None:
     df = load_events(BUNDLED)
     m = BKTModel()
@@ -215,7 +253,9 @@ def part_fast() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--part", choices=["recovery", "students", "bundled", "fast", "mode", "all"], default="all"
+        "--part",
+        choices=["recovery", "students", "bundled", "fast", "mode", "stan-subset", "all"],
+        default="all",
     )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skill", default="Volume Sphere", help="mode: the skill to sample")
@@ -229,6 +269,8 @@ def main() -> None:
         part_students(args.seed)
     if args.part in ("bundled", "all"):
         part_bundled(args.seed)
+    if args.part == "stan-subset":
+        part_stan_subset(args.seed)
     if args.part == "mode":
         part_mode(args.skill, args.seed, args.fit)
 
