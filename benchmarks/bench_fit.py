@@ -230,6 +230,16 @@ def part_stan_subset(seed: int) -> None:
         f"  CPU {cpu:.1f} s (fit, compile included); min bulk ESS of mu {ess:.0f} = "
         f"{ess / cpu:.1f} per CPU second"
     )
+    # The log-density gradient alone, as bench_likelihood.py times it (NUMBA
+    # mode, one core, best of 200), for the per-observation column.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_likelihood import compiled_logp_dlogp, time_fn
+
+    f, args = compiled_logp_dlogp(BKTModel().build_model(df), "NUMBA")
+    t = time_fn(f, args, 200)
+    print(f"  log-density gradient: {t * 1e3:.3f} ms = {t / len(df) * 1e9:.1f} ns per observation")
 
 
 def part_fast() -> None:
