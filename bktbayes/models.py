@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .data import PackedEvents, pack_events
+from .data import EventsError, PackedEvents, pack_events
 from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp, draws_logp_items, draws_prefix_logp
 from .packing import pack_codes
 from .params import jsonable
@@ -141,6 +141,12 @@ _BOUNDED_MU = {
     "mu_guess": {"mu": _logit(0.4), "sigma": 1.0},
     "mu_slip": {"mu": _logit(0.2), "sigma": 1.0},
 }
+
+
+def _require_rows(events: pd.DataFrame) -> None:
+    # A model of no data samples its prior and exports it as if fitted.
+    if len(events) == 0:
+        raise EventsError("events has no rows: nothing to fit")
 
 
 def _gs_modes() -> dict[str, int]:
@@ -404,6 +410,7 @@ class BKTModel:
         )
         from .packing import prefix_layout
 
+        _require_rows(events)
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
         self._prefix = None
@@ -592,6 +599,7 @@ class BKTModel:
 
         t0 = time.perf_counter()
         if events is not None:
+            _require_rows(events)
             self._packed = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
             self._prefix = self._fast = None
         if self._packed is None:

@@ -82,6 +82,19 @@ def test_options_are_validated():
         BKTModel(priors={"mu_nothing": {"mu": 0}})
 
 
+def test_no_rows_is_an_error_not_a_prior_fit(sim):
+    # An empty table would otherwise sample the prior and export it as a fit.
+    from bktbayes.data import EventsError
+
+    empty = sim[1].iloc[:0]
+    with pytest.raises(EventsError, match="no rows"):
+        BKTModel().build_model(empty)
+    with pytest.raises(EventsError, match="no rows"):
+        BKTModel().fast_estimate(empty)
+    with pytest.raises(EventsError, match="no rows"):
+        BKTModel().fit(empty, draws=10, tune=10, chains=1, progressbar=False)
+
+
 def test_build_model_coords_and_prior_predictive(sim):
     import pymc as pm
 
