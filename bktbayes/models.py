@@ -993,10 +993,21 @@ class BKTModel:
             cols.append(np.asarray(da.values, dtype=float).reshape(n_chain, n_draw, -1))
             labels += _labels(da.isel(chain=0, draw=0, drop=True))
         draws = np.concatenate(cols, axis=2)
-        r_items = list(zip(labels, rhat_rank(draws), strict=True))
-        eb_items = list(zip(labels, ess_bulk(draws), strict=True))
-        tail_prob = float(az.rcParams["stats.ci_prob"])
-        et_items = list(zip(labels, ess_tail(draws, tail_prob), strict=True))
+        with np.errstate(divide="ignore", invalid="ignore"):  # constants: 0 / 0
+            rh = rhat_rank(draws)
+            ess_b = ess_bulk(draws)
+            ess_t = ess_tail(draws, float(az.rcParams["stats.ci_prob"]))
+        # R-hat is nan for a quantity every draw of which is the same number
+        # (nothing to mix: left out) and for draws holding nan (a failure:
+        # counted as infinite so that it is reported, not skipped).
+        flat = draws.reshape(-1, draws.shape[2])
+        constant = np.all(flat == flat[:1], axis=0)
+        rh = np.where(np.isnan(rh) & ~constant, np.inf, rh)
+        keep = ~np.isnan(rh)
+        r_items = [(n, r) for n, r, k in zip(labels, rh, keep, strict=True) if k]
+        # ESS is nan only for draws holding nan: counted as none.
+        eb_items = list(zip(labels, np.nan_to_num(ess_b, nan=0.0), strict=True))
+        et_items = list(zip(labels, np.nan_to_num(ess_t, nan=0.0), strict=True))
         stats = idata["sample_stats"]
         div = int(np.asarray(stats["diverging"]).sum()) if "diverging" in stats else 0
         energy = np.asarray(stats["energy"]) if "energy" in stats else None
@@ -1004,7 +1015,7 @@ class BKTModel:
         if energy is not None:
             de = np.diff(energy, axis=1)
             bfmi = [float(np.mean(d**2) / np.var(e)) for d, e in zip(de, energy, strict=True)]
-        max_r = max(r for _, r in r_items)
+        max_r = max((r for _, r in r_items), default=1.0)
         min_eb = min(e for _, e in eb_items)
         min_et = min(e for _, e in et_items)
         worst_r = sorted(r_items, key=lambda x: -x[1])[:5]
@@ -1013,7 +1024,7 @@ class BKTModel:
         # Per-chain means of the worst parameter: one chain apart from the
         # others (a sojourn in a minor mode) reads differently from all chains
         # drifting together (too few draws).
-        j = int(np.argmax([r for _, r in r_items]))
+        j = int(np.argmax(np.where(keep, rh, -np.inf)))
         chain_means = [float(x) for x in draws[:, :, j].mean(axis=1)]
         out = {
             "max_rhat": float(max_r),

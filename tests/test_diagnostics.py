@@ -67,6 +67,7 @@ def test_check_diagnostics_warning_shows_the_chain_apart():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4, 500, 3))
     x[2, :, 1] += 5.0
+    x[:, :, 0] = 0.0  # a constant comes first: its R-hat is nan, not the worst
     post = xr.Dataset(
         {"p_transit": (("chain", "draw", "skill"), 0.05 + 0.01 * x)},
         coords={"skill": ["a", "b", "c"]},
@@ -84,3 +85,29 @@ def test_check_diagnostics_warning_shows_the_chain_apart():
     means = out["worst_rhat_chain_means"]
     np.testing.assert_allclose(means, 0.05 + 0.01 * x[:, :, 1].mean(axis=1), rtol=1e-12)
     assert f"{means[2]:.4g}" in str(rec[0].message)
+
+
+def test_check_diagnostics_constants_are_skipped_and_nan_draws_fail():
+    # A constant quantity has no R-hat (ArviZ: nan) and must neither pass nor
+    # fail a fit; nan among the draws is a failure that must be reported.
+    from bktbayes.models import BKTModel, ConvergenceWarning
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 400, 3))
+    x[:, :, 0] = 0.25
+
+    def fit(x):
+        post = xr.Dataset(
+            {"p_slip": (("chain", "draw", "skill"), x)}, coords={"skill": list("abc")}
+        )
+        stats = xr.Dataset({"diverging": (("chain", "draw"), np.zeros((4, 400), dtype=bool))})
+        return xr.DataTree.from_dict({"posterior": post, "sample_stats": stats})
+
+    out = BKTModel().check_diagnostics(fit(x), ess_min=100, warn=False)
+    assert out["ok"] and np.isfinite(out["max_rhat"])
+    assert all(name != "p_slip[a]" for name, _ in out["worst_rhat"])
+    x[1, 7, 2] = np.nan
+    with pytest.warns(ConvergenceWarning, match=r"p_slip\[c\]"):
+        out = BKTModel().check_diagnostics(fit(x), ess_min=100)
+    assert not out["ok"] and out["max_rhat"] == np.inf and out["min_ess_bulk"] == 0.0
+    assert out["worst_rhat"][0][0] == "p_slip[c]"
