@@ -30,7 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["adbc_available", "read_log", "recalculate_store", "replay_columns"]
 
-_LOG_COLUMNS = ("user_id", "skill", "correct", "seq", "batch_id", "item_id")
+#: Log columns a recalculation reads (``item_id`` too when the parameter
+#: table has item-level parameters), and the mastery rows' key columns.
+_LOG_COLUMNS = ("pair_key", "correct", "seq", "batch_id")
+_PAIR_COLUMNS = ("pair_key", "user_id", "skill")
 
 
 def adbc_available() -> bool:
@@ -58,11 +61,25 @@ def _codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
     return codes, uniques
 
 
+def _objects(values: Any) -> np.ndarray:
+    """A string column (Arrow or a sequence) as a numpy object array."""
+    if hasattr(values, "to_pylist"):
+        return np.asarray(values.to_pylist(), dtype=object)
+    return np.asarray(values, dtype=object)
+
+
 def read_log(
-    store: MasteryStore, conn: sa.Connection, users: Sequence[str] | None, bulk: str
+    store: MasteryStore,
+    conn: sa.Connection,
+    users: Sequence[str] | None,
+    bulk: str,
+    *,
+    items: bool = False,
 ) -> tuple[dict[str, Any], str]:
-    """Read ``user_id, skill, correct, seq, batch_id, item_id`` of the log
-    (optionally some users) as columns; returns the columns and the method used."""
+    """Read the log's ``pair_key, correct, seq, batch_id`` (and ``item_id``
+    with ``items``) and the mastery rows' ``pair_key, user_id, skill``
+    (under ``"pairs"``), optionally for some users only, as columns; returns
+    the columns and the method used."""
     if bulk not in ("auto", "adbc", "sqlalchemy"):
         raise ValueError(f"bulk must be 'auto', 'adbc' or 'sqlalchemy', got {bulk!r}")
     use_adbc = store.dialect == "postgresql" and (
@@ -70,86 +87,130 @@ def read_log(
     )
     if bulk == "adbc" and store.dialect != "postgresql":
         raise ValueError("bulk='adbc' needs PostgreSQL")
+    log_cols = _LOG_COLUMNS + (("item_id",) if items else ())
     if use_adbc:
-        return _read_adbc(store, users), "adbc"
-    from .store import events
+        return _read_adbc(store, users, log_cols), "adbc"
+    from .store import events, mastery_table
 
-    q = sa.select(*(events.c[c] for c in _LOG_COLUMNS))
-    if users is not None:
-        q = q.where(events.c.user_id.in_(users))
-    rows = conn.execute(q).all()
-    if rows:
-        u, s, c, seq, b, it = zip(*rows, strict=True)
-    else:
-        u = s = c = seq = b = it = ()
-    cols = {
-        "user_id": np.array(u, dtype=object),
-        "skill": np.array(s, dtype=object),
-        "correct": np.array(c, dtype=bool),
-        "seq": np.array(seq, dtype=np.int64),
-        "batch_id": np.array(b, dtype=np.int64),
-        "item_id": np.array(it, dtype=object),
-    }
-    return cols, "sqlalchemy"
+    out: dict[str, Any] = {}
+    for table, names, key in ((events, log_cols, None), (mastery_table, _PAIR_COLUMNS, "pairs")):
+        q = sa.select(*(table.c[c] for c in names))
+        if users is not None:
+            q = q.where(table.c.user_id.in_(users))
+        rows = conn.execute(q).all()
+        cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+        got = {
+            n: np.array(c, dtype=_DTYPES.get(n, object)) for n, c in zip(names, cols, strict=True)
+        }
+        if key is None:
+            out.update(got)
+        else:
+            out[key] = got
+    return out, "sqlalchemy"
 
 
-def _read_adbc(store: MasteryStore, users: Sequence[str] | None) -> dict[str, Any]:
+_DTYPES = {"pair_key": np.int64, "correct": bool, "seq": np.int64, "batch_id": np.int64}
+
+
+def _read_adbc(
+    store: MasteryStore, users: Sequence[str] | None, log_cols: Sequence[str]
+) -> dict[str, Any]:
     import adbc_driver_postgresql.dbapi as adbc
 
     url = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    sql = "SELECT user_id, skill, correct, seq, batch_id, item_id FROM bkt_events"
-    args: tuple[Any, ...] = ()
-    if users is not None:
-        sql += " WHERE user_id = ANY($1)"
-        args = (list(users),)
+    where = " WHERE user_id = ANY($1)" if users is not None else ""
+    args = (list(users),) if users is not None else None
     # (Reading two halves of the seq range over two connections was tried:
     # no faster on this 2-core machine, where PostgreSQL's one backend per
     # query is already the bottleneck.)
     with adbc.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(sql, args if args else None)
-        table = cur.fetch_arrow_table()
-    return {
-        "user_id": table.column("user_id"),
-        "skill": table.column("skill"),
-        "correct": table.column("correct").to_numpy().astype(bool),
-        "seq": table.column("seq").to_numpy().astype(np.int64, copy=False),
-        "batch_id": table.column("batch_id").to_numpy().astype(np.int64, copy=False),
-        "item_id": table.column("item_id"),
+        cur.execute(f"SELECT {', '.join(log_cols)} FROM bkt_events{where}", args)
+        log = cur.fetch_arrow_table()
+        cur.execute(f"SELECT {', '.join(_PAIR_COLUMNS)} FROM bkt_mastery{where}", args)
+        pairs = cur.fetch_arrow_table()
+    out: dict[str, Any] = {
+        n: log.column(n).to_numpy().astype(_DTYPES[n], copy=False)
+        for n in log_cols
+        if n != "item_id"
     }
+    if "item_id" in log_cols:
+        out["item_id"] = log.column("item_id")
+    out["pairs"] = {
+        "pair_key": pairs.column("pair_key").to_numpy().astype(np.int64, copy=False),
+        "user_id": pairs.column("user_id"),
+        "skill": pairs.column("skill"),
+    }
+    return out
+
+
+def _pair_index(keys: np.ndarray, ev_keys: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """Position in ``keys`` (the mastery rows' pair keys) of each event's key."""
+    idx = np.full(len(ev_keys), -1, dtype=np.int64)
+    if len(ev_keys) and len(keys):
+        kmax = int(keys.max())
+        inside = (ev_keys >= 0) & (ev_keys <= kmax)
+        if kmax < 4 * (len(ev_keys) + len(keys)) + 1024:
+            # Keys are drawn from a sequence (dense up to gaps): a lookup
+            # table is one gather per event.
+            lut = np.full(kmax + 1, -1, dtype=np.int32 if len(keys) < 2**31 else np.int64)
+            lut[keys] = np.arange(len(keys))
+            idx[inside] = lut[ev_keys[inside]]
+        else:
+            order = np.argsort(keys, kind="stable")
+            pos = np.searchsorted(keys[order], ev_keys).clip(0, len(keys) - 1)
+            hit = keys[order][pos] == ev_keys
+            idx[hit] = order[pos[hit]]
+    bad = np.flatnonzero(idx < 0)
+    if len(bad):
+        raise RuntimeError(
+            f"bkt_events: {len(bad)} events (first seq {int(seq[bad[0]])}) carry a pair_key "
+            "with no bkt_mastery row"
+        )
+    return idx
 
 
 def replay_columns(
     cols: dict[str, Any], params: ParamTable, *, threads: int | None = None
 ) -> ReplayResult:
-    """Replay log columns (``user_id, skill, correct, seq, batch_id``, and
-    optionally ``item_id``) in arrival order with the batch id as the batch
-    key; items count only with a table that has item-level parameters."""
-    u_codes, u_vals = _codes(cols["user_id"])
-    s_codes, s_vals = _codes(cols["skill"])
+    """Replay log columns (``pair_key, correct, seq, batch_id``, optionally
+    ``item_id``, and the mastery rows' keys under ``"pairs"``) in arrival
+    order with the batch id as the batch key; items count only with a table
+    that has item-level parameters. The result's mastery table carries each
+    row's ``pair_key``.
+
+    Each (user, skill) pair is one sequence: its index among the rows is the
+    packing's "user" code, and the pair's user id stands behind it (so that
+    student-level parameters still apply).
+    """
+    pairs = cols["pairs"]
+    keys = np.asarray(pairs["pair_key"], dtype=np.int64)
+    idx = _pair_index(keys, np.asarray(cols["pair_key"], dtype=np.int64), cols["seq"])
+    s_codes, s_vals = _codes(pairs["skill"])
+    s_codes = np.asarray(s_codes, dtype=np.int64)
     packed = pack_codes(
-        u_codes,
-        s_codes,
+        idx,
+        s_codes[idx],
         cols["seq"],
         cols["correct"],
-        n_user=max(len(u_vals), 1),
+        n_user=max(len(keys), 1),
         n_skill=max(len(s_vals), 1),
         threads=threads,
     )
     items = None
     if cols.get("item_id") is not None and params.item_params:
-        items = cols["item_id"]
-        if not isinstance(items, np.ndarray):  # an Arrow column: nulls become None
-            items = np.asarray(items.to_pylist(), dtype=object)
-    return replay_packed(
+        items = _objects(cols["item_id"])
+    res = replay_packed(
         packed,
         params,
         s_vals,
-        u_vals,
+        _objects(pairs["user_id"]),
         batch=cols["batch_id"],
         threads=threads,
         per_event=False,
         items=items,
     )
+    res.mastery["pair_key"] = keys[packed.seq_user]
+    return res
 
 
 def _mastery_rows(res: ReplayResult, version: str, now: datetime) -> dict[str, Any]:
@@ -163,6 +224,7 @@ def _mastery_rows(res: ReplayResult, version: str, now: datetime) -> dict[str, A
         "status": m["status"],
         "param_version": version,
         "updated_at": now,
+        "pair_key": m["pair_key"],
     }
 
 
@@ -182,6 +244,7 @@ def _write_copy(conn: sa.Connection, rows: dict[str, Any]) -> None:
             "status": pa.array(rows["status"], type=pa.string()),
             "param_version": pa.array([rows["param_version"]] * n, type=pa.string()),
             "updated_at": pa.array([rows["updated_at"].isoformat()] * n, type=pa.string()),
+            "pair_key": pa.array(rows["pair_key"], type=pa.int64()),
         }
     )
     # In key order, the primary key's B-tree is filled left to right instead
@@ -195,7 +258,7 @@ def _write_copy(conn: sa.Connection, rows: dict[str, Any]) -> None:
         raw.cursor() as cur,
         cur.copy(
             "COPY bkt_mastery (user_id, skill, p_mastery, attempts, correct_attempts, status, "
-            "param_version, updated_at) FROM STDIN (FORMAT csv)"
+            "param_version, updated_at, pair_key) FROM STDIN (FORMAT csv)"
         ) as cp,
     ):
         cp.write(buf.getvalue())
@@ -220,6 +283,7 @@ def _write_portable(conn: sa.Connection, rows: dict[str, Any]) -> None:
                     "status": str(rows["status"][i]),
                     "param_version": rows["param_version"],
                     "updated_at": rows["updated_at"],
+                    "pair_key": int(rows["pair_key"][i]),
                 }
                 for i in range(lo, hi)
             ],
@@ -242,7 +306,7 @@ def recalculate_store(
             # Writers wait (they upsert a mastery row first); readers go on.
             conn.exec_driver_sql("LOCK TABLE bkt_mastery IN EXCLUSIVE MODE")
         t0 = time.perf_counter()
-        cols, method = read_log(store, conn, users, bulk)
+        cols, method = read_log(store, conn, users, bulk, items=bool(params.item_params))
         t1 = time.perf_counter()
         n_events = len(cols["seq"])
         res = replay_columns(cols, params, threads=threads) if n_events else None

@@ -26,6 +26,14 @@ the events are appended, so the log order of a (user, skill) is the order of
 its updates. On SQLite every write transaction is ``BEGIN IMMEDIATE`` (one
 writer at a time, others wait up to ``busy_timeout``), in WAL mode with
 ``synchronous=FULL``. A method returns only after its commit.
+
+Keys
+----
+Each mastery row has an integer ``pair_key`` (unique; drawn from a sequence
+on PostgreSQL, from the table's largest key under SQLite's single writer),
+and each event carries its row's key. The recalculation reads the log's
+integer columns and the rows' keys, not the text ids of every event: text
+ids made the read and their encoding most of its time. Keys may have gaps.
 """
 
 from __future__ import annotations
@@ -59,7 +67,10 @@ __all__ = [
 ]
 
 #: Version of the database schema, kept in ``bkt_meta`` for later migrations.
-SCHEMA_VERSION = 2  # 2: bkt_events.item_id (version-1 databases are migrated on open)
+# 2: bkt_events.item_id; 3: an integer key per (user, skill) (pair_key) on the
+# mastery row and every event, so that a recalculation reads integers, not
+# text, from the log. Older databases are migrated on open.
+SCHEMA_VERSION = 3
 #: Longest user id, skill code, event id or source accepted.
 MAX_ID_LENGTH = 200
 #: Most responses in one call (one batch).
@@ -113,6 +124,9 @@ events = sa.Table(
     # The item answered (optional): item-level guess and slip where the
     # parameter table has them for (skill, item).
     sa.Column("item_id", sa.String(MAX_ID_LENGTH), nullable=True),
+    # The (user, skill) row's pair_key (schema 3; NOT NULL except in
+    # databases migrated on SQLite, where every write still fills it).
+    sa.Column("pair_key", sa.BigInteger, nullable=False),
     # An exam answer tagged with several skills is one row per skill, sharing its id.
     sa.UniqueConstraint("event_id", "skill", name="uq_bkt_events_event_skill"),
     sa.Index("ix_bkt_events_user_skill", "user_id", "skill"),
@@ -129,7 +143,11 @@ mastery_table = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("param_version", sa.String(64), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("pair_key", sa.BigInteger, nullable=False),
+    sa.Index("ux_bkt_mastery_pair_key", "pair_key", unique=True),
 )
+#: Where PostgreSQL draws pair keys (SQLite has no sequences; create_all skips it there).
+pair_key_seq = sa.Sequence("bkt_pair_key_seq", metadata=metadata)
 
 # Background recalculation jobs, in the database so that every server worker
 # process sees the same jobs.
@@ -275,13 +293,14 @@ class WriteRequest:
 # groups lock shared rows in the same order and cannot deadlock.
 _PG_LOCK_ROWS = """
 INSERT INTO bkt_mastery AS m
-    (user_id, skill, p_mastery, attempts, correct_attempts, status, param_version, updated_at)
-SELECT t.u, t.s, 0.5, 0, 0, 'in_progress', '', %(now)s
+    (user_id, skill, p_mastery, attempts, correct_attempts, status, param_version, updated_at,
+     pair_key)
+SELECT t.u, t.s, 0.5, 0, 0, 'in_progress', '', %(now)s, nextval('bkt_pair_key_seq')
 FROM unnest(%(u)s::text[], %(s)s::text[]) WITH ORDINALITY AS t(u, s, k)
 ORDER BY t.k
 ON CONFLICT (user_id, skill) DO UPDATE SET attempts = m.attempts
 RETURNING m.user_id, m.skill, m.p_mastery, m.attempts, m.correct_attempts, m.param_version,
-    m.updated_at
+    m.updated_at, m.pair_key
 """
 _PG_LOGGED = """
 SELECT event_id, user_id, skill, correct, item_id FROM bkt_events
@@ -302,12 +321,12 @@ WITH ids AS MATERIALIZED (
     SELECT id, u, src, %(now)s, n FROM ids
 ), e AS (
     INSERT INTO bkt_events
-        (event_id, user_id, skill, correct, event_time, source, batch_id, item_id)
-    SELECT e.id, e.u, e.s, e.c, e.t, e.src, ids.id, e.it
+        (event_id, user_id, skill, correct, event_time, source, batch_id, item_id, pair_key)
+    SELECT e.id, e.u, e.s, e.c, e.t, e.src, ids.id, e.it, e.pk
     FROM unnest(%(e_id)s::text[], %(e_user)s::text[], %(e_skill)s::text[], %(e_correct)s::bool[],
                 %(e_time)s::timestamptz[], %(e_source)s::text[], %(e_k)s::bigint[],
-                %(e_item)s::text[])
-        WITH ORDINALITY AS e(id, u, s, c, t, src, k, it, ord)
+                %(e_item)s::text[], %(e_pair)s::bigint[])
+        WITH ORDINALITY AS e(id, u, s, c, t, src, k, it, pk, ord)
     JOIN ids ON ids.k = e.k
     ORDER BY e.ord
 )
@@ -421,21 +440,52 @@ class MasteryStore:
                 conn.execute(
                     sa.insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION))
                 )
-            elif int(row[0]) == 1:
-                # Version 1 -> 2: the optional item column (existing events
-                # have none, and replay at skill level as before).
-                conn.exec_driver_sql(
-                    f"ALTER TABLE bkt_events ADD COLUMN item_id VARCHAR({MAX_ID_LENGTH})"
-                )
-                conn.execute(
-                    sa.update(meta_table)
-                    .where(meta_table.c.key == "schema_version")
-                    .values(value=str(SCHEMA_VERSION))
-                )
+            elif int(row[0]) in (1, 2):
+                self._migrate(conn, int(row[0]))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreInputError(
                     f"database schema version {row[0]}, this bktbayes uses {SCHEMA_VERSION}"
                 )
+
+    def _migrate(self, conn: sa.Connection, version: int) -> None:
+        """Bring a schema version 1 or 2 database to the current version, in
+        the caller's transaction (a failure leaves it as it was)."""
+        if version == 1:
+            # 1 -> 2: the optional item column (existing events have none,
+            # and replay at skill level as before).
+            conn.exec_driver_sql(
+                f"ALTER TABLE bkt_events ADD COLUMN item_id VARCHAR({MAX_ID_LENGTH})"
+            )
+        # 2 -> 3: a key per mastery row, copied to its events.
+        conn.exec_driver_sql("ALTER TABLE bkt_mastery ADD COLUMN pair_key BIGINT")
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql("UPDATE bkt_mastery SET pair_key = nextval('bkt_pair_key_seq')")
+        else:
+            conn.exec_driver_sql("UPDATE bkt_mastery SET pair_key = rowid")
+        conn.exec_driver_sql(
+            "CREATE UNIQUE INDEX ux_bkt_mastery_pair_key ON bkt_mastery (pair_key)"
+        )
+        conn.exec_driver_sql("ALTER TABLE bkt_events ADD COLUMN pair_key BIGINT")
+        conn.exec_driver_sql(
+            "UPDATE bkt_events SET pair_key = (SELECT m.pair_key FROM bkt_mastery m "
+            "WHERE m.user_id = bkt_events.user_id AND m.skill = bkt_events.skill)"
+        )
+        orphans = conn.exec_driver_sql(
+            "SELECT count(*), min(seq) FROM bkt_events WHERE pair_key IS NULL"
+        ).one()
+        if orphans[0]:
+            raise StoreInputError(
+                f"cannot migrate to schema version {SCHEMA_VERSION}: {orphans[0]} events "
+                f"(first seq {orphans[1]}) have no mastery row; nothing was changed"
+            )
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql("ALTER TABLE bkt_mastery ALTER COLUMN pair_key SET NOT NULL")
+            conn.exec_driver_sql("ALTER TABLE bkt_events ALTER COLUMN pair_key SET NOT NULL")
+        conn.execute(
+            sa.update(meta_table)
+            .where(meta_table.c.key == "schema_version")
+            .values(value=str(SCHEMA_VERSION))
+        )
 
     def _check_schema(self) -> None:
         row = None
@@ -695,7 +745,7 @@ class MasteryStore:
         if not accepted:
             conn.rollback()  # only the placeholder rows were written
             return
-        batch_ids = self._insert_log(conn, accepted, now)
+        batch_ids = self._insert_log(conn, accepted, now, locked)
         self._update_rows(conn, touched, version, now)
         self._set_batch_ids(accepted, batch_ids, results)
 
@@ -725,10 +775,10 @@ class MasteryStore:
                 c2.execute(_PG_LOGGED, {"ids": ids})
                 pipe.sync()
                 locked = {}
-                for u, s, p, att, cor, v, t in c1.fetchall():
+                for u, s, p, att, cor, v, t, key in c1.fetchall():
                     if att == 0:
                         p = params.params_for(s, u).p_init
-                    locked[(u, s)] = (float(p), int(att), int(cor), v, t)
+                    locked[(u, s)] = (float(p), int(att), int(cor), v, t, int(key))
                 logged = c2.fetchall()
                 accepted, touched = self._plan(
                     requests, locked, logged, params, version, now, results
@@ -737,7 +787,7 @@ class MasteryStore:
                     pipe.sync()
                     conn.rollback()  # only the placeholder rows were written
                     return
-                c1.execute(_PG_INSERT_LOG, _pg_log_params(accepted, now))
+                c1.execute(_PG_INSERT_LOG, _pg_log_params(accepted, now, locked))
                 c2.execute(_PG_UPDATE_ROWS, _pg_row_params(touched, version, now))
                 pipe.sync()
                 batch_ids = [b for _, b in sorted(c1.fetchall())]
@@ -760,7 +810,7 @@ class MasteryStore:
     def _plan(
         self,
         requests: Sequence[WriteRequest],
-        locked: dict[tuple[str, str], tuple[float, int, int, str, datetime]],
+        locked: dict[tuple[str, str], tuple[float, int, int, str, datetime, int]],
         logged: Iterable[tuple[str, str, str, bool]],
         params: ParamTable,
         version: str,
@@ -838,6 +888,7 @@ class MasteryStore:
         conn: sa.Connection,
         accepted: list[tuple[int, WriteRequest, list[_Item]]],
         now: datetime,
+        locked: Mapping[tuple[str, str], tuple[Any, ...]],
     ) -> list[int]:
         """Append the accepted requests' batches and events (events in list
         order, so that arrival order follows the order of the updates)."""
@@ -863,6 +914,7 @@ class MasteryStore:
                     "source": r.source,
                     "batch_id": b,
                     "item_id": it.item,
+                    "pair_key": locked[(r.user, it.skill)][5],
                 }
                 for (_, r, new), b in zip(accepted, ids, strict=True)
                 for it in new
@@ -896,13 +948,20 @@ class MasteryStore:
         pairs: list[tuple[str, str]],
         params: ParamTable,
         now: datetime,
-    ) -> dict[tuple[str, str], tuple[float, int, int, str, datetime]]:
+    ) -> dict[tuple[str, str], tuple[float, int, int, str, datetime, int]]:
         """Create missing rows and lock all of ``pairs`` (sorted, so that
         concurrent groups lock in the same order); return (p, attempts,
-        correct, param_version, updated_at) per pair. A row without attempts
-        starts from the current parameters' ``p_init``, unclamped, as replay does."""
-        out: dict[tuple[str, str], tuple[float, int, int, str, datetime]] = {}
+        correct, param_version, updated_at, pair_key) per pair. A row without
+        attempts starts from the current parameters' ``p_init``, unclamped, as
+        replay does."""
+        out: dict[tuple[str, str], tuple[float, int, int, str, datetime, int]] = {}
         insert = _dialect_insert(self.dialect)
+        # New rows' keys follow the largest key: the transaction is the only
+        # writer (SQLite's BEGIN IMMEDIATE). Keys offered to rows that exist
+        # already are left unused.
+        next_key = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.max(mastery_table.c.pair_key), 0))
+        ).scalar_one()
         for lo in range(0, len(pairs), 1000):
             chunk = pairs[lo : lo + 1000]
             ins = insert(mastery_table).values(
@@ -916,8 +975,9 @@ class MasteryStore:
                         "status": "in_progress",
                         "param_version": "",
                         "updated_at": now,
+                        "pair_key": next_key + lo + k + 1,
                     }
-                    for u, s in chunk
+                    for k, (u, s) in enumerate(chunk)
                 ]
             )
             # A no-op update of a conflicting row takes its row lock
@@ -933,11 +993,12 @@ class MasteryStore:
                 mastery_table.c.correct_attempts,
                 mastery_table.c.param_version,
                 mastery_table.c.updated_at,
+                mastery_table.c.pair_key,
             )
-            for u, s, p, att, cor, v, t in conn.execute(stmt):
+            for u, s, p, att, cor, v, t, key in conn.execute(stmt):
                 if att == 0:
                     p = params.params_for(s, u).p_init
-                out[(u, s)] = (float(p), int(att), int(cor), v, t)
+                out[(u, s)] = (float(p), int(att), int(cor), v, t, int(key))
         return out
 
     def delete_user(self, user: str) -> dict[str, int]:
@@ -1151,7 +1212,9 @@ def _duplicates(
 
 
 def _pg_log_params(
-    accepted: list[tuple[int, WriteRequest, list[_Item]]], now: datetime
+    accepted: list[tuple[int, WriteRequest, list[_Item]]],
+    now: datetime,
+    locked: Mapping[tuple[str, str], tuple[Any, ...]],
 ) -> dict[str, Any]:
     ev = [(it, r, k) for k, (_, r, new) in enumerate(accepted, 1) for it in new]
     return {
@@ -1167,6 +1230,7 @@ def _pg_log_params(
         "e_source": [r.source for _, r, _ in ev],
         "e_k": [k for _, _, k in ev],
         "e_item": [it.item for it, _, _ in ev],
+        "e_pair": [locked[(r.user, it.skill)][5] for it, r, _ in ev],
     }
 
 

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from bktbayes.params import BKTParams, ParamTable
 from bktbayes.store import (
+    SCHEMA_VERSION,
     EventConflictError,
     MasteryStore,
     StoreInputError,
@@ -501,19 +502,79 @@ def test_item_id_is_part_of_an_events_content(db_url):
     assert _count(store, events) == 1
 
 
-def test_schema_1_database_is_migrated(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    store = MasteryStore(url, _table())
-    store.record_responses("ann", "s0", [1, 0, 1])
-    with store.engine.begin() as c:  # back to a version-1 database
-        c.exec_driver_sql("ALTER TABLE bkt_events DROP COLUMN item_id")
-        c.exec_driver_sql("UPDATE bkt_meta SET value = '1' WHERE key = 'schema_version'")
+def _downgrade(store: MasteryStore, version: int) -> None:
+    """Turn a current database back into a schema-``version`` one."""
+    with store.engine.begin() as c:
+        c.exec_driver_sql("DROP INDEX ux_bkt_mastery_pair_key")
+        c.exec_driver_sql("ALTER TABLE bkt_mastery DROP COLUMN pair_key")
+        c.exec_driver_sql("ALTER TABLE bkt_events DROP COLUMN pair_key")
+        if version == 1:
+            c.exec_driver_sql("ALTER TABLE bkt_events DROP COLUMN item_id")
+        c.exec_driver_sql(f"UPDATE bkt_meta SET value = '{version}' WHERE key = 'schema_version'")
     store.close()
-    with pytest.raises(StoreInputError, match="schema version 2"):
-        MasteryStore(url, create=False)
-    again = MasteryStore(url, _item_table())
-    assert again.events("ann")["item_id"].tolist() == [None] * 3
+
+
+@pytest.mark.parametrize("old", [1, 2])
+def test_old_schema_database_is_migrated(db_url, old):
+    store = MasteryStore(db_url, _table())
+    store.record_responses("ann", "s0", [1, 0, 1])
+    store.record_responses("bob", "s1", [0, 1])
+    store.record_exam_answers("bob", [{"event_id": "x1", "correct": True, "skills": ["s0", "s1"]}])
+    rows = {u: store.mastery(u) for u in ("ann", "bob")}
+    _downgrade(store, old)
+    with pytest.raises(StoreInputError, match=f"schema version {SCHEMA_VERSION}"):
+        MasteryStore(db_url, create=False)
+    again = MasteryStore(db_url, _item_table())
+    assert {u: again.mastery(u) for u in ("ann", "bob")} == rows
+    ev = again.events()
+    if old == 1:
+        assert ev["item_id"].tolist() == [None] * len(ev["seq"])
+    # Every event carries its (user, skill) row's key, and keys are unique per row.
+    with again.engine.connect() as c:
+        keys = dict(
+            ((u, s), k)
+            for u, s, k in c.execute(
+                sa.select(mastery_table.c.user_id, mastery_table.c.skill, mastery_table.c.pair_key)
+            )
+        )
+    assert len(set(keys.values())) == len(keys) == 3
+    got = [keys[(u, s)] for u, s in zip(ev["user_id"], ev["skill"], strict=True)]
+    assert ev["pair_key"].tolist() == got
+    # New writes (a new row included) get keys; recalculation reproduces the rows.
     again.record_responses("ann", "s0", [1], items=["q1"])
-    before = again.mastery("ann", "s0").p_mastery
+    again.record_responses("cid", "s2", [1, 1])
+    before = {u: again.mastery(u) for u in ("ann", "bob", "cid")}
     again.recalculate()
-    assert again.mastery("ann", "s0").p_mastery == pytest.approx(before, abs=1e-12)
+    for u, r in before.items():
+        for s, row in r.items():
+            assert again.mastery(u, s).p_mastery == pytest.approx(row.p_mastery, abs=1e-12)
+    again.close()
+
+
+def test_migration_refuses_events_without_a_row_and_changes_nothing(db_url):
+    store = MasteryStore(db_url, _table())
+    store.record_responses("ann", "s0", [1, 0])
+    store.record_responses("ann", "s1", [1])
+    with store.engine.begin() as c:
+        c.execute(sa.delete(mastery_table).where(mastery_table.c.skill == "s1"))
+    _downgrade(store, 2)
+    with pytest.raises(StoreInputError, match=r"1 events \(first seq 3\) have no mastery row"):
+        MasteryStore(db_url, _table())
+    # Still a version-2 database: the migration's transaction was rolled back.
+    engine = sa.create_engine(db_url)
+    with engine.connect() as c:
+        assert c.execute(sa.text("SELECT value FROM bkt_meta")).scalar_one() == "2"
+        cols = {r["name"] for r in sa.inspect(c).get_columns("bkt_events")}
+    engine.dispose()
+    assert "pair_key" not in cols
+
+
+def test_recalculate_reports_events_whose_row_is_missing(db_url):
+    store = MasteryStore(db_url, _table())
+    store.record_responses("ann", "s0", [1, 0])
+    store.record_responses("ann", "s1", [1])
+    with store.engine.begin() as c:
+        c.execute(sa.delete(mastery_table).where(mastery_table.c.skill == "s1"))
+    with pytest.raises(RuntimeError, match=r"1 events \(first seq 3\) carry a pair_key"):
+        store.recalculate(bulk="sqlalchemy")
+    assert store.mastery("ann", "s0").attempts == 2  # nothing rewritten
