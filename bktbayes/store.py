@@ -145,6 +145,9 @@ mastery_table = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("pair_key", sa.BigInteger, nullable=False),
     sa.Index("ux_bkt_mastery_pair_key", "pair_key", unique=True),
+    # Half-empty pages: an update of a row (every write, every row of a
+    # recalculation) fits beside it as a heap-only tuple, touching no index.
+    postgresql_with={"fillfactor": 50},
 )
 #: Where PostgreSQL draws pair keys (SQLite has no sequences; create_all skips it there).
 pair_key_seq = sa.Sequence("bkt_pair_key_seq", metadata=metadata)
@@ -479,6 +482,7 @@ class MasteryStore:
                 f"(first seq {orphans[1]}) have no mastery row; nothing was changed"
             )
         if self.dialect == "postgresql":
+            conn.exec_driver_sql("ALTER TABLE bkt_mastery SET (fillfactor = 50)")
             conn.exec_driver_sql("ALTER TABLE bkt_mastery ALTER COLUMN pair_key SET NOT NULL")
             conn.exec_driver_sql("ALTER TABLE bkt_events ALTER COLUMN pair_key SET NOT NULL")
         conn.execute(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -578,3 +579,31 @@ def test_recalculate_reports_events_whose_row_is_missing(db_url):
     with pytest.raises(RuntimeError, match=r"1 events \(first seq 3\) carry a pair_key"):
         store.recalculate(bulk="sqlalchemy")
     assert store.mastery("ann", "s0").attempts == 2  # nothing rewritten
+
+
+@pytest.mark.parametrize("bulk", ["auto", "sqlalchemy"])
+def test_recalculate_rewrites_rows_in_place_and_drops_rows_without_events(db_url, bulk):
+    store = MasteryStore(db_url, _table())
+    store.record_responses("ann", "s0", [1, 0, 1])
+    store.record_responses("bob", "s1", [0])
+    with store.engine.begin() as c:
+        keys = dict(c.execute(sa.select(mastery_table.c.user_id, mastery_table.c.pair_key)).all())
+        # A row that no event backs (the store's writes never leave one).
+        c.execute(
+            sa.insert(mastery_table).values(
+                user_id="cid", skill="s2", p_mastery=0.5, attempts=3, correct_attempts=1,
+                status="in_progress", param_version="", updated_at=datetime.now(UTC),
+                pair_key=10_000,
+            )
+        )  # fmt: skip
+    before = {u: store.mastery(u) for u in ("ann", "bob")}
+    res = store.recalculate(params=_table(7), bulk=bulk)
+    assert (res.n_events, res.n_rows) == (4, 2)
+    assert store.mastery("cid") == {}
+    with store.engine.connect() as c:
+        after = dict(c.execute(sa.select(mastery_table.c.user_id, mastery_table.c.pair_key)).all())
+    assert after == keys  # rows keep their keys
+    for u, rows in before.items():
+        for s, row in rows.items():
+            new = store.mastery(u, s)
+            assert new.attempts == row.attempts and new.param_version == _table(7).version
