@@ -15,6 +15,7 @@ handler: anything unexpected stays a 500 and is logged.
 
 import asyncio
 import concurrent.futures
+import gc
 import hmac
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.responses import Response as HTTPResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 
@@ -160,6 +162,14 @@ def _mastery_out(row: MasteryRow) -> MasteryOut:
     return MasteryOut(**row.to_dict())
 
 
+def _json(model: BaseModel) -> HTTPResponse:
+    """A model already built (and so validated) as a JSON response. FastAPI
+    would otherwise validate and encode it a second time against the route's
+    ``response_model``, which stays declared for the OpenAPI spec; on the
+    write path that second pass cost about a third of the event loop's time."""
+    return HTTPResponse(model.model_dump_json(), media_type="application/json")
+
+
 def _record_out(res: RecordResult) -> RecordOut:
     return RecordOut(
         user_id=res.user_id,
@@ -282,6 +292,12 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
     async def lifespan(app: FastAPI):
+        # Everything alive at start-up (FastAPI, pydantic, SQLAlchemy, numpy,
+        # numba) goes to the permanent generation: a full collection then
+        # scans only what requests created. Under load they ran every second
+        # and took about 60 ms each (the p99 latency); frozen, about 4 ms.
+        gc.collect()
+        gc.freeze()
         yield
         writer.close()
         jobs.pool.shutdown(wait=True)
@@ -353,7 +369,7 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         responses=write_errors,
         tags=["write"],
     )
-    async def record_flashcard_session(body: FlashcardSession) -> RecordOut:
+    async def record_flashcard_session(body: FlashcardSession) -> HTTPResponse:
         """Record a flashcard session (one batch) and update the (user, skill) row."""
         req = MasteryStore.flashcard_request(
             body.user_id,
@@ -363,7 +379,7 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
             times=[r.time for r in body.responses],
             items=[r.item_id for r in body.responses],
         )
-        return _record_out(await _submit(req))
+        return _json(_record_out(await _submit(req)))
 
     @app.post(
         "/v1/exam-answers",
@@ -372,13 +388,13 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         responses=write_errors,
         tags=["write"],
     )
-    async def record_exam_answers(body: ExamAnswers) -> RecordOut:
+    async def record_exam_answers(body: ExamAnswers) -> HTTPResponse:
         """Record exam answers tagged with skills: every tagged skill's row is
         updated in one transaction."""
         req = MasteryStore.exam_request(
             body.user_id, [a.model_dump(exclude_none=True) for a in body.answers]
         )
-        return _record_out(await _submit(req))
+        return _json(_record_out(await _submit(req)))
 
     @app.get("/v1/users/{user_id}/mastery", response_model=UserMastery, tags=["read"])
     def user_mastery(user_id: PathId) -> UserMastery:
