@@ -552,13 +552,18 @@ def test_old_schema_database_is_migrated(db_url, old):
     again.close()
 
 
-def test_migration_refuses_events_without_a_row_and_changes_nothing(db_url):
+def _store_with_orphaned_events(db_url: str) -> MasteryStore:
+    """Events 1-2 on (ann, s0) with their row; event 3 on (ann, s1) without."""
     store = MasteryStore(db_url, _table())
     store.record_responses("ann", "s0", [1, 0])
     store.record_responses("ann", "s1", [1])
     with store.engine.begin() as c:
         c.execute(sa.delete(mastery_table).where(mastery_table.c.skill == "s1"))
-    _downgrade(store, 2)
+    return store
+
+
+def test_migration_refuses_events_without_a_row_and_changes_nothing(db_url):
+    _downgrade(_store_with_orphaned_events(db_url), 2)
     with pytest.raises(StoreInputError, match=r"1 events \(first seq 3\) have no mastery row"):
         MasteryStore(db_url, _table())
     # Still a version-2 database: the migration's transaction was rolled back.
@@ -571,11 +576,7 @@ def test_migration_refuses_events_without_a_row_and_changes_nothing(db_url):
 
 
 def test_recalculate_reports_events_whose_row_is_missing(db_url):
-    store = MasteryStore(db_url, _table())
-    store.record_responses("ann", "s0", [1, 0])
-    store.record_responses("ann", "s1", [1])
-    with store.engine.begin() as c:
-        c.execute(sa.delete(mastery_table).where(mastery_table.c.skill == "s1"))
+    store = _store_with_orphaned_events(db_url)
     with pytest.raises(RuntimeError, match=r"1 events \(first seq 3\) carry a pair_key"):
         store.recalculate(bulk="sqlalchemy")
     assert store.mastery("ann", "s0").attempts == 2  # nothing rewritten
