@@ -107,3 +107,21 @@ def test_write_partitioned_refuses_missing_columns_and_nonempty_dir(tmp_path):
     ev = pd.DataFrame({"user_id": [1], "skill": ["s"], "correct": [1], "order": [0]})
     with pytest.raises(FileExistsError):
         write_partitioned(ev, tmp_path / "y")
+
+
+@pytest.mark.parametrize("spread", [3, 10**9])
+def test_pair_index_finds_every_events_row_dense_or_sparse_keys(spread):
+    # Keys from a sequence with gaps (lookup table) or far apart (binary
+    # search): both give each event's row, and an unknown key is named.
+    from bktbayes.recalc import _pair_index
+
+    rng = np.random.default_rng(0)
+    keys = np.cumsum(rng.integers(1, spread, 500)).astype(np.int64)
+    keys = keys[rng.permutation(500)]  # rows in any order
+    row = rng.integers(0, 500, 20_000)
+    seq = np.arange(20_000) + 1
+    np.testing.assert_array_equal(_pair_index(keys, keys[row], seq), row)
+    bad = keys[row].copy()
+    bad[[7, 900]] = [keys.max() + 1, -5]
+    with pytest.raises(RuntimeError, match=r"2 events \(first seq 8\)"):
+        _pair_index(keys, bad, seq)
