@@ -310,60 +310,65 @@ def _make_log(n_events: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _load_log(url: str, log: dict[str, np.ndarray]) -> None:
-    """Fill bkt_events and bkt_batches with COPY (benchmark set-up only)."""
+def _copy_in(cur, name: str, table) -> None:
+    """COPY an Arrow table into the database table of the same column names."""
     import io
 
-    import psycopg
-    import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    n = len(log["correct"])
-    t = pa.table(
-        {
-            "event_id": pa.array(np.char.add("e", np.arange(n).astype(str))),
-            "user_id": pa.array(log["user_id"]),
-            "skill": pa.array(log["skill"]),
-            "correct": pa.array(log["correct"]),
-            "event_time": pa.array(["2026-11-25T00:00:00+00:00"] * n),
-            "source": pa.array(["import"] * n),
-            "batch_id": pa.array(log["batch_id"]),
-            "pair_key": pa.array(log["pair_key"]),
-        }
-    )
     buf = io.BytesIO()
-    pcsv.write_csv(t, buf, pcsv.WriteOptions(include_header=False))
+    pcsv.write_csv(table, buf, pcsv.WriteOptions(include_header=False))
+    data = buf.getvalue()
+    with cur.copy(f"COPY {name} ({', '.join(table.column_names)}) FROM STDIN (FORMAT csv)") as cp:
+        for lo in range(0, len(data), 1 << 24):
+            cp.write(data[lo : lo + (1 << 24)])
+
+
+def _load_log(url: str, log: dict[str, np.ndarray]) -> None:
+    """Fill bkt_events and bkt_mastery (one placeholder row per pair, with the
+    pair keys) with COPY (benchmark set-up only)."""
+    import psycopg
+    import pyarrow as pa
+
+    n = len(log["correct"])
+    pairs = log["pairs"]
+    m = len(pairs["pair_key"])
+    when = "2026-11-25T00:00:00+00:00"
     raw = url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(raw) as conn, conn.cursor() as cur:
-        with cur.copy(
-            "COPY bkt_events (event_id, user_id, skill, correct, event_time, source, batch_id, "
-            "pair_key) FROM STDIN (FORMAT csv)"
-        ) as cp:
-            data = buf.getvalue()
-            for lo in range(0, len(data), 1 << 24):
-                cp.write(data[lo : lo + (1 << 24)])
-        pairs = log["pairs"]
-        m = len(pairs["pair_key"])
-        rows = pa.table(
-            {
-                "user_id": pa.array(pairs["user_id"]),
-                "skill": pa.array(pairs["skill"]),
-                "p_mastery": pa.array(np.full(m, 0.5)),
-                "attempts": pa.array(np.zeros(m, dtype=np.int64)),
-                "correct_attempts": pa.array(np.zeros(m, dtype=np.int64)),
-                "status": pa.array(["in_progress"] * m),
-                "param_version": pa.array([""] * m),
-                "updated_at": pa.array(["2026-11-25T00:00:00+00:00"] * m),
-                "pair_key": pa.array(pairs["pair_key"]),
-            }
+        _copy_in(
+            cur,
+            "bkt_events",
+            pa.table(
+                {
+                    "event_id": pa.array(np.char.add("e", np.arange(n).astype(str))),
+                    "user_id": pa.array(log["user_id"]),
+                    "skill": pa.array(log["skill"]),
+                    "correct": pa.array(log["correct"]),
+                    "event_time": pa.array([when] * n),
+                    "source": pa.array(["import"] * n),
+                    "batch_id": pa.array(log["batch_id"]),
+                    "pair_key": pa.array(log["pair_key"]),
+                }
+            ),
         )
-        buf = io.BytesIO()
-        pcsv.write_csv(rows, buf, pcsv.WriteOptions(include_header=False))
-        with cur.copy(
-            "COPY bkt_mastery (user_id, skill, p_mastery, attempts, correct_attempts, status, "
-            "param_version, updated_at, pair_key) FROM STDIN (FORMAT csv)"
-        ) as cp:
-            cp.write(buf.getvalue())
+        _copy_in(
+            cur,
+            "bkt_mastery",
+            pa.table(
+                {
+                    "user_id": pa.array(pairs["user_id"]),
+                    "skill": pa.array(pairs["skill"]),
+                    "p_mastery": pa.array(np.full(m, 0.5)),
+                    "attempts": pa.array(np.zeros(m, dtype=np.int64)),
+                    "correct_attempts": pa.array(np.zeros(m, dtype=np.int64)),
+                    "status": pa.array(["in_progress"] * m),
+                    "param_version": pa.array([""] * m),
+                    "updated_at": pa.array([when] * m),
+                    "pair_key": pa.array(pairs["pair_key"]),
+                }
+            ),
+        )
         cur.execute("SELECT setval('bkt_pair_key_seq', %s)", (int(pairs["pair_key"].max()),))
     # Steady state before timing: without this, autovacuum's pass over the
     # freshly inserted rows and the checkpoint of the load's dirty pages run
@@ -375,6 +380,8 @@ def _load_log(url: str, log: dict[str, np.ndarray]) -> None:
 
 
 def bench_recalc(n_events: int, portable: bool) -> None:
+    import psycopg
+
     from bktbayes.store import MasteryStore
 
     url = _pg_url()
@@ -388,8 +395,6 @@ def bench_recalc(n_events: int, portable: bool) -> None:
     for method, state in runs:
         # Every run rewrites the same rows (like-for-like): the previous
         # run's dead rows are vacuumed outside the timing.
-        import psycopg
-
         with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as c:
             c.autocommit = True
             c.execute("VACUUM bkt_mastery")
