@@ -25,6 +25,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import pydantic_core
 from fastapi import Depends, FastAPI, HTTPException, Path, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
@@ -168,6 +169,22 @@ def _json(model: BaseModel) -> HTTPResponse:
     ``response_model``, which stays declared for the OpenAPI spec (the
     schemathesis tests check responses against it)."""
     return HTTPResponse(model.model_dump_json(), media_type="application/json")
+
+
+def _record_json(res: RecordResult) -> HTTPResponse:
+    """A write's result as :class:`RecordOut` JSON, encoded once from plain
+    values. Building the pydantic models first validated data the store had
+    just produced, and with them the response took a fifth of the service's
+    time per request; ``test_record_json_matches_model`` checks that the two
+    give the same document."""
+    doc = {
+        "user_id": res.user_id,
+        "recorded": res.recorded,
+        "duplicates": res.duplicates,
+        "batch_id": res.batch_id,
+        "mastery": [r.to_dict() for _, r in sorted(res.mastery.items())],
+    }
+    return HTTPResponse(pydantic_core.to_json(doc), media_type="application/json")
 
 
 def _record_out(res: RecordResult) -> RecordOut:
@@ -379,7 +396,7 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
             times=[r.time for r in body.responses],
             items=[r.item_id for r in body.responses],
         )
-        return _json(_record_out(await _submit(req)))
+        return _record_json(await _submit(req))
 
     @app.post(
         "/v1/exam-answers",
@@ -394,7 +411,7 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         req = MasteryStore.exam_request(
             body.user_id, [a.model_dump(exclude_none=True) for a in body.answers]
         )
-        return _json(_record_out(await _submit(req)))
+        return _record_json(await _submit(req))
 
     @app.get("/v1/users/{user_id}/mastery", response_model=UserMastery, tags=["read"])
     def user_mastery(user_id: PathId) -> UserMastery:

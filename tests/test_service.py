@@ -346,3 +346,41 @@ def test_bktbayes_serve_command(tmp_path):
 def _seed_update(p: float) -> float:
     tracer = seed.BayesianKnowledgeTracer(seed.BKTParams(0.4, 0.1, 0.2, 0.1))
     return tracer.update(p, True)
+
+
+def test_record_json_matches_model(db_url):
+    """The write endpoints encode their result from plain values (no pydantic
+    models on the hot path): the document must be what ``RecordOut`` gives,
+    field for field, and every ``MasteryRow`` field must reach it."""
+    import dataclasses
+    import json
+    from datetime import datetime
+
+    from bktbayes.service import RecordOut, _record_json, _record_out
+    from bktbayes.store import MasteryRow
+
+    store = MasteryStore(db_url)
+    store.record_responses("u1", "fractions", [1, 0, 1], event_ids=["a", "b", "c"])
+    # One stored row updated, one new: both kinds of MasteryRow, plus a duplicate id.
+    res = store.record_exam_answers(
+        "u1",
+        [
+            {"event_id": "c", "correct": 1, "skills": ["fractions"]},
+            {"event_id": "d", "correct": 0, "skills": ["fractions", "decimals"]},
+        ],
+    )
+    fast = json.loads(_record_json(res).body)
+    slow = json.loads(_record_out(res).model_dump_json())
+    RecordOut.model_validate(fast)  # the fast document is valid against the response model
+
+    def norm(doc):
+        for m in doc["mastery"]:
+            if m["updated_at"] is not None:
+                m["updated_at"] = datetime.fromisoformat(m["updated_at"])
+        return doc
+
+    assert norm(fast) == norm(slow)
+    assert len(fast["mastery"]) == 2 and fast["recorded"] == 2 and fast["duplicates"] == ["c"]
+    row = next(iter(res.mastery.values()))
+    assert set(row.to_dict()) == {f.name for f in dataclasses.fields(MasteryRow)}
+    store.close()

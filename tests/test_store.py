@@ -620,3 +620,40 @@ def test_postgresql_sessions_plan_every_statement_for_its_arguments(db_url):
         assert c.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_custom_plan"
     store.record_responses("ann", "s0", [1])  # and writes still work in that mode
     assert store.mastery("ann", "s0").attempts == 1
+
+
+def test_postgresql_event_lookup_probes_the_index_at_every_table_size(db_url):
+    # The duplicate check of a write group once let the planner scan the whole
+    # log (``event_id = ANY(ids)``) while it held tens of thousands of rows:
+    # each group then cost time in proportion to the log. The statement now
+    # probes the index once per id. Its plan is checked on an analysed
+    # 15k-row log, where the old form chose a sequential scan (PostgreSQL 15).
+    from bktbayes.store import _PG_LOGGED
+
+    store = MasteryStore(db_url, _table())
+    if store.dialect != "postgresql":
+        pytest.skip("PostgreSQL plan")
+    store.record_responses("ann", "s0", [1])
+    with store.engine.begin() as c:
+        key = c.exec_driver_sql("SELECT pair_key FROM bkt_mastery").scalar_one()
+        batch = c.exec_driver_sql("SELECT batch_id FROM bkt_batches").scalar_one()
+        c.exec_driver_sql(
+            "INSERT INTO bkt_events (event_id, user_id, skill, correct, event_time, source, "
+            "batch_id, pair_key) SELECT 'e' || g, 'ann', 's0', g %% 2 = 0, now(), 'import', "
+            f"{batch}, {key} FROM generate_series(1, 15000) AS g"
+        )
+        c.exec_driver_sql("ANALYZE bkt_events")
+    ids = [f"e{i}" for i in range(1, 15_000, 150)]  # 100 ids, as in a busy group
+    raw = store.engine.raw_connection()
+    try:
+        with raw.driver_connection.cursor() as cur:
+            cur.execute("EXPLAIN " + _PG_LOGGED, {"ids": ids})
+            plan = "\n".join(r[0] for r in cur.fetchall())
+            cur.execute(_PG_LOGGED, {"ids": [*ids, "nope"]})
+            found = cur.fetchall()
+    finally:
+        raw.close()
+    assert "Seq Scan on bkt_events" not in plan, plan
+    assert "bkt_events" in plan and "Index" in plan, plan
+    assert sorted(r[0] for r in found) == sorted(ids)
+    store.close()
