@@ -399,8 +399,9 @@ def bench_recalc(n_events: int, portable: bool) -> None:
             c.autocommit = True
             c.execute("VACUUM bkt_mastery")
         # "cold process": the first replay in this process loads the numba
-        # kernels from their cache (about 1-2 s); the server's background job
-        # runs in a process that compiled them at start-up ("warm kernels").
+        # kernels from their cache (0.5-1 s), as `bktbayes recalculate` does;
+        # the service's jobs run warm ("warm kernels": its job thread loads
+        # the kernels at start-up, bktbayes.recalc.warm_up).
         res = store.recalculate(bulk=method)
         print(
             f"recalc PostgreSQL {method:<10} ({state}): {res.n_events:,} events -> "

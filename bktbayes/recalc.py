@@ -28,7 +28,7 @@ from .tracing import ReplayResult, replay_packed
 if TYPE_CHECKING:  # pragma: no cover
     from .store import MasteryStore, RecalcResult
 
-__all__ = ["adbc_available", "read_log", "recalculate_store", "replay_columns"]
+__all__ = ["adbc_available", "read_log", "recalculate_store", "replay_columns", "warm_up"]
 
 #: Log columns a recalculation reads (``item_id`` too when the parameter
 #: table has item-level parameters), and the mastery rows' key columns.
@@ -210,6 +210,40 @@ def replay_columns(
     )
     res.mastery["pair_key"] = keys[packed.seq_user]
     return res
+
+
+def warm_up(params: ParamTable, *, postgresql: bool = False) -> float:
+    """Load every kernel a recalculation runs (from numba's cache, or compile
+    them) by replaying a small synthetic log with the column types a read
+    returns; with ``postgresql`` also import the bulk-read driver. Returns the
+    seconds it took.
+
+    The service runs this on its recalculation thread at start-up, so that a
+    recalculation job does not pay the 0.5-1 s of a cold process (a tenth of
+    a 10M-event recalculation).
+    """
+    import pyarrow as pa
+
+    t0 = time.perf_counter()
+    if postgresql and adbc_available():
+        import adbc_driver_postgresql.dbapi  # noqa: F401
+    rng = np.random.default_rng(0)
+    n, n_pairs = 512, 16
+    cols: dict[str, Any] = {
+        "pair_key": rng.integers(0, n_pairs, n).astype(np.int64),
+        "correct": rng.random(n) < 0.6,
+        "seq": np.arange(n, dtype=np.int64),
+        "batch_id": np.arange(n, dtype=np.int64) // 3,
+        "pairs": {
+            "pair_key": np.arange(n_pairs, dtype=np.int64),
+            "user_id": pa.array([f"u{i}" for i in range(n_pairs)]),
+            "skill": pa.array([f"s{i % 4}" for i in range(n_pairs)]),
+        },
+    }
+    if params.item_params:
+        cols["item_id"] = pa.array([None] * n, type=pa.string())
+    replay_columns(cols, params)
+    return time.perf_counter() - t0
 
 
 def _mastery_rows(res: ReplayResult, version: str, now: datetime) -> dict[str, Any]:
