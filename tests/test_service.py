@@ -390,10 +390,18 @@ def test_service_warms_the_recalculation_kernels_at_start(server):
     # A recalculation job should not pay a cold process's kernel loading
     # (0.5-1 s, a tenth of a 10M-event job): the service loads them on the
     # job thread at start-up.
+    import gc
+
     from bktbayes import packing, tracing
 
     seconds = server.app.state.warm_up.result(timeout=120)
     assert seconds > 0
+    # ... and freezes what it created: a loaded kernel is in no collected
+    # generation, so full collections under load do not scan it.
+    compiled = list(tracing.lockstep_filter_batched.overloads.values())
+    assert compiled
+    tracked = {id(o) for o in gc.get_objects()}
+    assert not any(id(c) in tracked for c in compiled)
     # numba dispatchers the job runs: compiled (or loaded from the cache) by now
     for kernel in (tracing.lockstep_filter_batched, tracing._batch_boundaries, packing._layout):
         assert kernel.signatures, kernel
