@@ -403,6 +403,6 @@ def test_service_warms_the_recalculation_kernels_at_start(server):
     tracked = {id(o) for o in gc.get_objects()}
     assert not any(id(c) in tracked for c in compiled)
     # numba dispatchers the job runs: compiled (or loaded from the cache) by now
-    kernels = (tracing.lockstep_filter_batched, tracing._batch_boundaries, packing._layout)
+    kernels = (tracing.lockstep_filter_batched, tracing._batch_flags, packing._layout)
     for kernel in (*kernels, packing._merge):  # _merge: logs of 2**20+ events
         assert kernel.signatures, kernel

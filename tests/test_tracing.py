@@ -467,3 +467,28 @@ def test_interval_over_posterior_draws():
     assert inside.mean() > 0.8
     with pytest.raises(ValueError, match="posterior draws"):
         replay(ev, base, interval=0.9)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 256])
+def test_batch_flags_match_a_walk_of_each_sequence(block_size):
+    # The batch-boundary flags are computed in lockstep order from the
+    # layout alone; a plain walk of each sequence in CSR order is the
+    # reference. Random lengths (1 to 60 events), ties in order, small blocks
+    # so that many blocks and ragged steps occur.
+    from bktbayes.tracing import _batch_flags
+
+    rng = np.random.default_rng(11)
+    n = 5000
+    user = rng.integers(0, 150, n)
+    skill = rng.integers(0, 4, n)
+    order = rng.integers(0, 400, n)
+    batch = rng.integers(0, 3, n).cumsum()  # arrival batches, repeated values
+    packed = packing.pack_codes(user, skill, order, block_size=block_size)
+    want = np.zeros(n, dtype=np.uint8)  # indexed by input row
+    csr = packed.csr_row
+    for k in range(packed.n_seqs):
+        rows = csr[packed.seq_start[k] : packed.seq_start[k] + packed.seq_len[k]]
+        want[rows[1:]] = batch[rows[1:]] != batch[rows[:-1]]
+    got = _batch_flags(batch, packed.lock_row, packed.block_ev, packed.step_ptr, packed.step_count)
+    np.testing.assert_array_equal(got, want[packed.lock_row])
+    assert 0 < got.sum() < n - packed.n_seqs  # both kinds of step occur
