@@ -23,14 +23,15 @@ import queue
 import sys
 import threading
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic_core
 from fastapi import Depends, FastAPI, HTTPException, Path, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError
 
 from . import __version__
 from .store import (
@@ -351,8 +352,7 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     app.state.store = store
     app.state.writer = writer
 
-    # async: a sync dependency would be sent to a worker thread on every request.
-    async def require_key(key: Annotated[str | None, Security(key_header)] = None) -> None:
+    def check_key(key: str | None) -> None:
         if api_key is None:
             return
         if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
@@ -362,12 +362,58 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
                 headers={"WWW-Authenticate": "APIKey"},
             )
 
+    # async: a sync dependency would be sent to a worker thread on every request.
+    async def require_key(key: Annotated[str | None, Security(key_header)] = None) -> None:
+        check_key(key)
+
     write_auth = [Depends(require_key)]
     write_errors: dict[int | str, dict[str, Any]] = {
         400: {"description": "The body is not valid JSON"},
         401: {"description": "Missing or wrong API key"},
         409: {"description": "An event id was reused with different content"},
     }
+
+    # The two write endpoints that take the load (flashcard sessions, exam
+    # answers) check the key and validate their JSON body themselves, in one
+    # pydantic call on the raw bytes: FastAPI's dependency solving and its
+    # decode-then-validate of the body were a seventh of the service's CPU
+    # per request (measured in-process: 0.79 against 0.67 ms per request,
+    # median of 7 alternating runs). The OpenAPI document is the same as with
+    # declared parameters (``_lean_openapi`` below; a test compares them),
+    # and errors have FastAPI's shapes: 401 before anything else, 422 naming
+    # the field under ``body``.
+    def lean_write(model: type[BaseModel]) -> dict[str, Any]:
+        return {
+            "response_model": RecordOut,
+            "responses": {**write_errors, 422: _VALIDATION_422},
+            "tags": ["write"],
+            "openapi_extra": {
+                "requestBody": {
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                        }
+                    },
+                    "required": True,
+                },
+                "security": [{key_header.scheme_name: []}],
+            },
+        }
+
+    async def parse(request: Request, model: type[_M]) -> _M:
+        check_key(request.headers.get(key_header.model.name))
+        raw = await request.body()
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as e:
+            errors = [
+                # Undecodable bytes are not echoed back (FastAPI's own
+                # json_invalid error carries an empty input too).
+                {**err, "loc": ("body", *err["loc"])}
+                | ({"input": {}} if err["type"] == "json_invalid" else {})
+                for err in e.errors(include_url=False)
+            ]
+            raise RequestValidationError(errors) from None
 
     # Only the store's own input errors are mapped; anything else stays a 500.
     @app.exception_handler(EventConflictError)
@@ -398,15 +444,10 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
             n_skills=len(store.params),
         )
 
-    @app.post(
-        "/v1/flashcard-sessions",
-        response_model=RecordOut,
-        dependencies=write_auth,
-        responses=write_errors,
-        tags=["write"],
-    )
-    async def record_flashcard_session(body: FlashcardSession) -> HTTPResponse:
+    @app.post("/v1/flashcard-sessions", **lean_write(FlashcardSession))
+    async def record_flashcard_session(request: Request) -> HTTPResponse:
         """Record a flashcard session (one batch) and update the (user, skill) row."""
+        body = await parse(request, FlashcardSession)
         req = MasteryStore.flashcard_request(
             body.user_id,
             body.skill,
@@ -417,16 +458,11 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         )
         return _record_json(await _submit(req))
 
-    @app.post(
-        "/v1/exam-answers",
-        response_model=RecordOut,
-        dependencies=write_auth,
-        responses=write_errors,
-        tags=["write"],
-    )
-    async def record_exam_answers(body: ExamAnswers) -> HTTPResponse:
+    @app.post("/v1/exam-answers", **lean_write(ExamAnswers))
+    async def record_exam_answers(request: Request) -> HTTPResponse:
         """Record exam answers tagged with skills: every tagged skill's row is
         updated in one transaction."""
+        body = await parse(request, ExamAnswers)
         req = MasteryStore.exam_request(
             body.user_id, [a.model_dump(exclude_none=True) for a in body.answers]
         )
@@ -498,7 +534,39 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
             raise HTTPException(status_code=404, detail=f"no recalculation job {job_id!r}")
         return job
 
+    _lean_openapi(app, [FlashcardSession, ExamAnswers])
     return app
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+_VALIDATION_422 = {
+    "description": "Validation Error",
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+    },
+}
+
+
+def _lean_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the request models of the lean write endpoints (which declare no
+    body parameter) to the OpenAPI components, as FastAPI would have."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = default()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, sub in js.pop("$defs", {}).items():
+                    schemas.setdefault(name, sub)
+                schemas.setdefault(model.__name__, js)
+            doc["components"]["schemas"] = dict(sorted(schemas.items()))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:

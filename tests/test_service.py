@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
 import httpx
 import numpy as np
@@ -14,11 +15,13 @@ import pytest
 import schemathesis
 import seed_reference as seed
 import uvicorn
+from fastapi import Depends, FastAPI, Security
+from fastapi.security import APIKeyHeader
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from bktbayes.params import BKTParams, ParamTable
-from bktbayes.service import create_app
+from bktbayes.service import ExamAnswers, FlashcardSession, RecordOut, create_app
 from bktbayes.store import MasteryStore
 
 KEY = "test-key-0123456789abcdef"
@@ -406,3 +409,73 @@ def test_service_warms_the_recalculation_kernels_at_start(server):
     kernels = (tracing.lockstep_filter_batched, tracing._batch_flags, packing._layout)
     for kernel in (*kernels, packing._merge):  # _merge: logs of 2**20+ events
         assert kernel.signatures, kernel
+
+
+# The reference for test_lean_write_routes_...: the two write routes with a
+# declared body parameter and key dependency (module level, so that FastAPI
+# can resolve the string annotations of this module).
+_REF_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
+
+
+async def _ref_require_key(key: Annotated[str | None, Security(_REF_KEY)] = None) -> None:
+    return None
+
+
+def _reference_write_app() -> FastAPI:
+    ref = FastAPI()
+    kw = dict(
+        response_model=RecordOut,
+        dependencies=[Depends(_ref_require_key)],
+        responses={
+            400: {"description": "The body is not valid JSON"},
+            401: {"description": "Missing or wrong API key"},
+            409: {"description": "An event id was reused with different content"},
+        },
+        tags=["write"],
+    )
+
+    @ref.post("/v1/flashcard-sessions", **kw)
+    async def record_flashcard_session(body: FlashcardSession) -> None:
+        """Record a flashcard session (one batch) and update the (user, skill) row."""
+
+    @ref.post("/v1/exam-answers", **kw)
+    async def record_exam_answers(body: ExamAnswers) -> None:
+        """Record exam answers tagged with skills: every tagged skill's row is
+        updated in one transaction."""
+
+    return ref
+
+
+def test_lean_write_routes_document_what_declared_parameters_would():
+    # The write endpoints parse their own body (see service.lean_write): their
+    # OpenAPI operation and component schemas must be what FastAPI generates
+    # for a declared body parameter and key dependency. pydantic writes
+    # "default": null on optional fields where FastAPI leaves it out; that
+    # annotation is the only difference allowed.
+    def drop_null_defaults(x):
+        if isinstance(x, dict):
+            return {k: drop_null_defaults(v) for k, v in x.items() if (k, v) != ("default", None)}
+        if isinstance(x, list):
+            return [drop_null_defaults(v) for v in x]
+        return x
+
+    got = create_app(MasteryStore("sqlite://"), api_key=KEY).openapi()
+    want = _reference_write_app().openapi()
+    for path in ("/v1/flashcard-sessions", "/v1/exam-answers"):
+        assert got["paths"][path]["post"] == want["paths"][path]["post"], path
+    for name, schema in want["components"]["schemas"].items():
+        assert drop_null_defaults(got["components"]["schemas"][name]) == schema, name
+    assert "FlashcardSession" in want["components"]["schemas"]  # the check covered them
+
+
+def test_undecodable_body_is_422_and_the_key_is_checked_first(server, client):
+    # Found by the fuzzer when the write endpoints began to parse their own
+    # body: invalid UTF-8 made the error response itself fail (a 500).
+    for path in ("/v1/flashcard-sessions", "/v1/exam-answers"):
+        r = client.post(path, content=b"<t\xf75\xb1", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["type"] == "json_invalid"
+        assert r.json()["detail"][0]["loc"][0] == "body"
+        with httpx.Client(base_url=server.url) as anon:
+            assert anon.post(path, content=b"{").status_code == 401
+    assert server.store.events()["seq"].size == 0
