@@ -10,6 +10,7 @@ and every database has the portable SQLAlchemy path.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 from collections.abc import Sequence
@@ -387,7 +388,13 @@ def recalculate_store(
             # (2.2-2.3 s for the update; 1.7-1.9 s in memory). This job only.
             conn.exec_driver_sql("SET LOCAL work_mem = '256MB'")
         t0 = time.perf_counter()
-        cols, method = read_log(store, conn, users, bulk, items=bool(params.item_params))
+        # A process that has not replayed yet (`bktbayes recalculate`) loads
+        # the kernels while the log streams in; in a warm one this is a
+        # replay of 512 events.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            warm = pool.submit(warm_up, params)
+            cols, method = read_log(store, conn, users, bulk, items=bool(params.item_params))
+            warm.result()
         t1 = time.perf_counter()
         n_events = len(cols["seq"])
         res = replay_columns(cols, params, threads=threads) if n_events else None
