@@ -164,17 +164,10 @@ def _mastery_out(row: MasteryRow) -> MasteryOut:
     return MasteryOut(**row.to_dict())
 
 
-def _json(model: BaseModel) -> HTTPResponse:
-    """A model already built (and so validated) as a JSON response. FastAPI
-    would otherwise validate and encode it a second time against the route's
-    ``response_model``, which stays declared for the OpenAPI spec (the
-    schemathesis tests check responses against it)."""
-    return HTTPResponse(model.model_dump_json(), media_type="application/json")
-
-
 def _record_json(res: RecordResult) -> HTTPResponse:
     """A write's result as :class:`RecordOut` JSON, encoded once from plain
-    values. Building the pydantic models first validated data the store had
+    values (the route's ``response_model`` stays declared for the OpenAPI
+    spec). Building the pydantic models first validated data the store had
     just produced, and with them the response took a fifth of the service's
     time per request; ``test_record_json_matches_model`` checks that the two
     give the same document."""
@@ -186,16 +179,6 @@ def _record_json(res: RecordResult) -> HTTPResponse:
         "mastery": [r.to_dict() for _, r in sorted(res.mastery.items())],
     }
     return HTTPResponse(pydantic_core.to_json(doc), media_type="application/json")
-
-
-def _record_out(res: RecordResult) -> RecordOut:
-    return RecordOut(
-        user_id=res.user_id,
-        recorded=res.recorded,
-        duplicates=res.duplicates,
-        batch_id=res.batch_id,
-        mastery=[_mastery_out(r) for _, r in sorted(res.mastery.items())],
-    )
 
 
 class GroupWriter:
