@@ -9,8 +9,10 @@ Parts:
           (a raw asyncio HTTP/1.1 keep-alive client, so that the client's own cost
           stays small on this 2-core machine), fixed duration; requests/s, p50/p99;
           then checks that no update was lost or doubled
-  recalc  10 million events in PostgreSQL's log -> mastery rows: ADBC bulk read +
-          COPY write, and the portable SQLAlchemy path
+  recalc  10 million events in PostgreSQL's log -> mastery rows: the parallel
+          snapshot read (and, beside it, the single-connection ADBC read) + binary
+          COPY write, and the portable SQLAlchemy path; --no-retain-heap for the
+          library's memory default instead of the service's
   dask    the same replay from partitioned Parquet on a dask.distributed LocalCluster
           against the single-process replay
 """
@@ -379,9 +381,10 @@ def _load_log(url: str, log: dict[str, np.ndarray]) -> None:
         conn.execute("CHECKPOINT")
 
 
-def bench_recalc(n_events: int, portable: bool) -> None:
+def bench_recalc(n_events: int, portable: bool, retain: bool = True) -> None:
     import psycopg
 
+    from bktbayes.recalc import retain_heap
     from bktbayes.store import MasteryStore
 
     url = _pg_url()
@@ -390,7 +393,12 @@ def bench_recalc(n_events: int, portable: bool) -> None:
     t = time.perf_counter()
     _load_log(url, _make_log(n_events))  # (the ~1 GB of generated columns is freed here)
     print(f"recalc: loaded {n_events:,} events into PostgreSQL in {time.perf_counter() - t:.0f} s")
-    runs = [("adbc", "cold process"), ("adbc", "warm kernels")]
+    # `bktbayes serve` and `bktbayes recalculate` keep freed memory in the
+    # process (bktbayes.recalc.retain_heap); --no-retain-heap measures the
+    # library's default, where glibc returns it to the kernel.
+    print(f"recalc: retain_heap() {retain_heap() if retain else 'not called'}")
+    runs = [("auto", "cold process"), ("auto", "warm kernels"), ("auto", "warm kernels")]
+    runs += [("adbc", "warm kernels")]
     runs += [("sqlalchemy", "warm kernels")] if portable else []
     for method, state in runs:
         # Every run rewrites the same rows (like-for-like): the previous
@@ -404,7 +412,7 @@ def bench_recalc(n_events: int, portable: bool) -> None:
         # the kernels at start-up, bktbayes.recalc.warm_up).
         res = store.recalculate(bulk=method)
         print(
-            f"recalc PostgreSQL {method:<10} ({state}): {res.n_events:,} events -> "
+            f"recalc PostgreSQL {res.bulk_read:<10} ({state}): {res.n_events:,} events -> "
             f"{res.n_rows:,} rows in "
             f"{res.seconds:.1f} s = {res.n_events / res.seconds / 1e6:.2f} M events/s "
             f"(read {res.seconds_read:.1f} s, replay {res.seconds_replay:.1f} s, write + commit "
@@ -473,6 +481,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="http: fixed-rate run, req/s")
     ap.add_argument("--events", type=int, default=10_000_000, help="recalc/dask: log size")
     ap.add_argument("--no-portable", action="store_true", help="recalc: skip the portable path")
+    ap.add_argument(
+        "--no-retain-heap",
+        action="store_true",
+        help="recalc: measure without bktbayes.recalc.retain_heap (the library default)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="dask: workers")
     a = ap.parse_args()
     if a.part in ("all", "store"):
@@ -480,7 +493,7 @@ def main() -> None:
     if a.part in ("all", "http"):
         bench_http(a.duration, a.procs, a.conns, 2000, 20, workers=a.server_workers, rate=a.rate)
     if a.part in ("all", "recalc"):
-        bench_recalc(a.events, not a.no_portable)
+        bench_recalc(a.events, not a.no_portable, not a.no_retain_heap)
     if a.part in ("all", "dask"):
         bench_dask(a.events, a.workers)
 

@@ -332,7 +332,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_recalculate(args: argparse.Namespace) -> int:
+    import os
+
+    from .recalc import retain_heap
     from .store import MasteryStore
+
+    if os.environ.get("BKTBAYES_RETAIN_HEAP", "1") != "0":
+        retain_heap()
 
     store = MasteryStore(args.db, _load_params(args.params))
     res = store.recalculate(users=args.user or None, bulk=args.bulk)
@@ -770,8 +776,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--bulk",
         default="auto",
-        choices=["auto", "adbc", "sqlalchemy"],
-        help="how to read the log (default: ADBC on PostgreSQL when installed)",
+        choices=["auto", "parallel", "adbc", "sqlalchemy"],
+        help="how to read the log (default on PostgreSQL: 'parallel' for the whole log, "
+        "'adbc' for some users or with item parameters; elsewhere 'sqlalchemy')",
     )
     r.set_defaults(func=_cmd_recalculate)
 

@@ -3,14 +3,17 @@ tracer's batch replay, and the mastery rows written back in bulk.
 
 The replay itself is :func:`bktbayes.tracing.replay_packed` (numba); this module
 only moves columns between the database and numpy. PostgreSQL has a fast path
-at both ends (read: the ADBC driver's binary COPY straight into Arrow; write:
-``COPY ... FROM STDIN`` in CSV on the locked transaction's own connection),
-and every database has the portable SQLAlchemy path.
+at both ends (read: several connections on the locked transaction's exported
+snapshot, each aggregating heap page ranges into binary strings, or the ADBC
+driver's binary COPY into Arrow for some users or with item ids; write: binary
+``COPY ... FROM STDIN`` on the locked transaction's own connection), and every
+database has the portable SQLAlchemy path.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -29,7 +32,14 @@ from .tracing import ReplayResult, replay_packed
 if TYPE_CHECKING:  # pragma: no cover
     from .store import MasteryStore, RecalcResult
 
-__all__ = ["adbc_available", "read_log", "recalculate_store", "replay_columns", "warm_up"]
+__all__ = [
+    "adbc_available",
+    "read_log",
+    "recalculate_store",
+    "replay_columns",
+    "retain_heap",
+    "warm_up",
+]
 
 #: Log columns a recalculation reads (``item_id`` too when the parameter
 #: table has item-level parameters), and the mastery rows' key columns.
@@ -45,6 +55,39 @@ def adbc_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def retain_heap() -> bool:
+    """Keep the memory that freed arrays leave inside this process, for
+    reuse, instead of returning it to the kernel (glibc's ``mallopt``;
+    returns ``False`` and changes nothing elsewhere).
+
+    Why: a recalculation of 10M events allocates and frees about 2 GB of
+    arrays. By default glibc returns every freed block over 128 kB to the
+    kernel, and the next recalculation faults all of those pages in again,
+    which on the 2-core benchmark machine took 0.6-1.3 s of system time a
+    run (the replay alone: 1.1-2.8 s, against 0.8-1.1 s with the heap kept).
+    ``bktbayes serve`` and ``bktbayes recalculate`` call this at start-up
+    (``BKTBAYES_RETAIN_HEAP=0`` turns it off), so their resident memory stays
+    at the largest recalculation's peak; importing or calling the library
+    never changes how the host process allocates.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    # Blocks up to 1 GB come from the heap (not separate mappings, which go
+    # back on free), and the heap's top is never trimmed; both are needed.
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def _codes(values: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -81,14 +124,27 @@ def read_log(
     """Read the log's ``pair_key, correct, seq, batch_id`` (and ``item_id``
     with ``items``) and the mastery rows' ``pair_key, user_id, skill``
     (under ``"pairs"``), optionally for some users only, as columns; returns
-    the columns and the method used."""
-    if bulk not in ("auto", "adbc", "sqlalchemy"):
-        raise ValueError(f"bulk must be 'auto', 'adbc' or 'sqlalchemy', got {bulk!r}")
-    use_adbc = store.dialect == "postgresql" and (
-        bulk == "adbc" or (bulk == "auto" and adbc_available())
-    )
-    if bulk == "adbc" and store.dialect != "postgresql":
-        raise ValueError("bulk='adbc' needs PostgreSQL")
+    the columns and the method used.
+
+    ``bulk`` is ``"parallel"`` (PostgreSQL, whole log, no items: several
+    connections on ``conn``'s snapshot, see :func:`_read_parallel`),
+    ``"adbc"`` (PostgreSQL: the ADBC driver's binary COPY into Arrow),
+    ``"sqlalchemy"`` (portable) or ``"auto"``: the first of these that
+    applies.
+    """
+    if bulk not in ("auto", "parallel", "adbc", "sqlalchemy"):
+        raise ValueError(f"bulk must be 'auto', 'parallel', 'adbc' or 'sqlalchemy', got {bulk!r}")
+    pg = store.dialect == "postgresql"
+    if bulk in ("adbc", "parallel") and not pg:
+        raise ValueError(f"bulk={bulk!r} needs PostgreSQL")
+    if bulk == "parallel" and (users is not None or items):
+        raise ValueError(
+            "bulk='parallel' reads the whole log without item ids: use 'adbc' for "
+            "some users or for item-level parameters"
+        )
+    if bulk == "parallel" or (bulk == "auto" and pg and users is None and not items):
+        return _read_parallel(store, conn), "parallel"
+    use_adbc = pg and (bulk == "adbc" or (bulk == "auto" and adbc_available()))
     log_cols = _LOG_COLUMNS + (("item_id",) if items else ())
     if use_adbc:
         return _read_adbc(store, users, log_cols), "adbc"
@@ -111,30 +167,158 @@ def read_log(
     return out, "sqlalchemy"
 
 
+#: Connections that read the log at once in the "parallel" read.
+READ_CONNECTIONS = 2
+
+#: One range's events as one binary string: per event three big-endian
+#: 64-bit integers, ``pair_key``, ``seq * 2 + correct`` and ``batch_id``.
+_PG_RANGE = (
+    "SELECT string_agg(int8send(pair_key) || int8send(seq * 2 + correct::int)"
+    " || int8send(batch_id), ''::bytea) FROM bkt_events"
+    " WHERE ctid >= %s::tid AND ctid < %s::tid"
+)
+
+
+_PARALLEL_COLUMNS = ("pair_key", "seq", "correct", "batch_id")
+
+
+def _range_pages(block_size: int) -> int:
+    """Heap pages per range: 2048 pages of 8 kB hold at most about 600k rows
+    (``block_size / 28`` a page), a string of at most 14 MB, far below
+    PostgreSQL's 1 GB value limit; small enough that each is decoded and
+    freed while the next streams in."""
+    return max(1, 2048 * 8192 // block_size)
+
+
+def _read_ranges(
+    url: str, snapshot: str | None, ranges: Sequence[tuple[int, int]]
+) -> list[tuple[np.ndarray, ...]]:
+    """The log's events in each heap page range ``[lo, hi)``, read on a new
+    connection that imports ``snapshot`` (from ``pg_export_snapshot()``;
+    ``None``: its own), as the columns ``pair_key, seq, correct, batch_id``
+    of each range."""
+    import psycopg
+    from psycopg.adapt import Loader
+    from psycopg.pq import Format
+
+    class _Range(Loader):
+        # Decodes straight from the driver's result buffer (a memoryview:
+        # no intermediate bytes object), on this reader's thread.
+        format = Format.BINARY
+
+        def load(self, data: Any) -> tuple[np.ndarray, ...]:
+            raw = np.frombuffer(data, dtype=">i8").reshape(-1, 3)
+            sc = raw[:, 1].astype(np.int64)
+            return (
+                raw[:, 0].astype(np.int64),
+                sc >> 1,
+                (sc & 1).astype(bool),
+                raw[:, 2].astype(np.int64),
+            )
+
+    out: list[tuple[np.ndarray, ...]] = []
+    empty = _Range(0).load(b"")
+    with psycopg.connect(url) as c:
+        c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if snapshot is not None:
+            c.execute("SET TRANSACTION SNAPSHOT " + _quote(snapshot))
+        cur = c.cursor(binary=True)
+        cur.adapters.register_loader("bytea", _Range)
+        for lo, hi in ranges:
+            got = cur.execute(_PG_RANGE, (f"({lo},0)", f"({hi},0)")).fetchone()[0]
+            out.append(empty if got is None else got)
+        c.execute("COMMIT")
+    return out
+
+
+def _quote(snapshot: str) -> str:
+    """A snapshot id (``pg_export_snapshot()``'s hex and dashes) as a literal."""
+    if not snapshot or any(ch not in "0123456789ABCDEFabcdef-" for ch in snapshot):
+        raise ValueError(f"unexpected snapshot id {snapshot!r}")
+    return f"'{snapshot}'"
+
+
+def _read_parallel(store: MasteryStore, conn: sa.Connection) -> dict[str, Any]:
+    """The whole log over :data:`READ_CONNECTIONS` connections, each on
+    ``conn``'s snapshot (``pg_export_snapshot``, as ``pg_dump --jobs`` reads
+    tables), each aggregating its share of the heap's page ranges into one
+    binary string per range; the mastery rows' keys alongside.
+
+    Why: a COPY of the four columns costs about 500 ns per row on each side
+    of the connection (the server's output functions; the client's per-row
+    COPY messages, which the ADBC driver decodes one field at a time), and
+    one connection keeps one server process busy. Aggregated ranges cost the
+    server about half again as much per row but the client almost nothing,
+    and two server processes share the work.
+    """
+    snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
+    n_pages, block = conn.exec_driver_sql(
+        "SELECT pg_relation_size('bkt_events') / current_setting('block_size')::int, "
+        "current_setting('block_size')::int"
+    ).one()
+    step = _range_pages(int(block))
+    # The last range is open-ended: the snapshot may see pages the size above
+    # missed (none under the recalculation's lock, but it costs nothing).
+    bounds = [*range(0, int(n_pages), step), 2**32 - 1]
+    if len(bounds) == 1:
+        bounds = [0, 2**32 - 1]
+    ranges = list(itertools.pairwise(bounds))
+    n_conn = max(1, min(READ_CONNECTIONS, len(ranges)))
+    url = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with concurrent.futures.ThreadPoolExecutor(n_conn) as pool:
+        futs = [pool.submit(_read_ranges, url, snapshot, ranges[i::n_conn]) for i in range(n_conn)]
+        # The mastery rows' keys meanwhile (the table is locked: any
+        # snapshot from now on sees the same rows).
+        pairs = _read_pairs(store, conn)
+        got = [f.result() for f in futs]
+    # Page order (about arrival order), whatever the number of connections.
+    parts = [got[k % n_conn][k // n_conn] for k in range(len(ranges))]
+    del got
+    out: dict[str, Any] = {
+        name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(_PARALLEL_COLUMNS)
+    }
+    out["pairs"] = pairs
+    return out
+
+
+def _read_pairs(store: MasteryStore, conn: sa.Connection) -> dict[str, Any]:
+    """The mastery rows' ``pair_key, user_id, skill`` (all rows)."""
+    if adbc_available():
+        return _read_adbc(store, None, ())["pairs"]
+    from .store import mastery_table
+
+    rows = conn.execute(sa.select(*(mastery_table.c[c] for c in _PAIR_COLUMNS))).all()
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in _PAIR_COLUMNS]
+    return {
+        n: np.array(c, dtype=np.int64 if n == "pair_key" else object)
+        for n, c in zip(_PAIR_COLUMNS, cols, strict=True)
+    }
+
+
 def _read_adbc(
     store: MasteryStore, users: Sequence[str] | None, log_cols: Sequence[str]
 ) -> dict[str, Any]:
+    """Log columns ``log_cols`` (none: only the pairs) and the mastery rows'
+    keys under ``"pairs"``, through the ADBC driver."""
     import adbc_driver_postgresql.dbapi as adbc
 
     url = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
     where = " WHERE user_id = ANY($1)" if users is not None else ""
     args = (list(users),) if users is not None else None
-    # (Reading two halves over two connections was tried: with text ids no
-    # faster on this 2-core machine; with integer columns and a ctid split
-    # 10-20% faster, as the client's decoding competes for the same cores.
-    # Not worth a second connection.)
+    out: dict[str, Any] = {}
     with adbc.connect(url) as conn, conn.cursor() as cur:
-        cur.execute(f"SELECT {', '.join(log_cols)} FROM bkt_events{where}", args)
-        log = cur.fetch_arrow_table()
+        if log_cols:
+            cur.execute(f"SELECT {', '.join(log_cols)} FROM bkt_events{where}", args)
+            log = cur.fetch_arrow_table()
+            out.update(
+                (n, log.column(n).to_numpy().astype(_DTYPES[n], copy=False))
+                for n in log_cols
+                if n != "item_id"
+            )
+            if "item_id" in log_cols:
+                out["item_id"] = log.column("item_id")
         cur.execute(f"SELECT {', '.join(_PAIR_COLUMNS)} FROM bkt_mastery{where}", args)
         pairs = cur.fetch_arrow_table()
-    out: dict[str, Any] = {
-        n: log.column(n).to_numpy().astype(_DTYPES[n], copy=False)
-        for n in log_cols
-        if n != "item_id"
-    }
-    if "item_id" in log_cols:
-        out["item_id"] = log.column("item_id")
     out["pairs"] = {
         "pair_key": pairs.column("pair_key").to_numpy().astype(np.int64, copy=False),
         "user_id": pairs.column("user_id"),
@@ -405,7 +589,7 @@ def recalculate_store(
             rows = _mastery_rows(res, version, datetime.now(UTC))
             n_rows = len(rows["p_mastery"])
             replayed = np.asarray(rows["pair_key"], dtype=np.int64)
-            if store.dialect == "postgresql" and method == "adbc":
+            if store.dialect == "postgresql" and method != "sqlalchemy":
                 _update_copy(conn, rows)
             else:
                 _update_portable(conn, rows)

@@ -1176,11 +1176,13 @@ class MasteryStore:
         params : optional
             New parameters: the rows are rebuilt with them, and the store
             serves them from then on.
-        bulk : {"auto", "adbc", "sqlalchemy"}
-            How to read the log: ``"adbc"`` (PostgreSQL only: the ADBC driver's
-            binary COPY straight into Arrow), ``"sqlalchemy"`` (portable,
-            row by row through the DBAPI); ``"auto"`` picks ADBC on PostgreSQL
-            when it is installed.
+        bulk : {"auto", "parallel", "adbc", "sqlalchemy"}
+            How to read the log: ``"parallel"`` (PostgreSQL, whole log, no
+            item-level parameters: two connections on this transaction's
+            snapshot, each aggregating heap page ranges into binary
+            strings), ``"adbc"`` (PostgreSQL: the ADBC driver's binary COPY
+            straight into Arrow), ``"sqlalchemy"`` (portable, row by row
+            through the DBAPI); ``"auto"`` picks the first that applies.
         """
         from . import recalc
 

@@ -49,3 +49,14 @@ def db_url(request, tmp_path):
         pytest.skip("no PostgreSQL server: set BKTBAYES_TEST_PG_URL (make test starts one)")
     _reset_pg(PG_URL)
     return PG_URL
+
+
+@pytest.fixture
+def pg_url():
+    """The test PostgreSQL server, emptied (for PostgreSQL-only features)."""
+    if PG_URL is None:
+        if REQUIRE_PG:
+            pytest.fail("BKTBAYES_REQUIRE_PG=1 but BKTBAYES_TEST_PG_URL is not set")
+        pytest.skip("no PostgreSQL server: set BKTBAYES_TEST_PG_URL (make test starts one)")
+    _reset_pg(PG_URL)
+    return PG_URL

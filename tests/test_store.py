@@ -129,7 +129,7 @@ def test_rows_equal_replay_and_recalculate(db_url):
     # The bulk write sends statuses as codes into the list of names: more
     # than one kind must round-trip.
     assert len({r.status for r in rows.values()}) >= 2
-    methods = ["sqlalchemy"] + (["adbc"] if store.dialect == "postgresql" else [])
+    methods = ["sqlalchemy"] + (["adbc", "parallel"] if store.dialect == "postgresql" else [])
     for method in methods:
         res = store.recalculate(bulk=method)
         assert res.bulk_read == method
@@ -660,3 +660,115 @@ def test_postgresql_event_lookup_probes_the_index_at_every_table_size(db_url):
     assert "bkt_events" in plan and "Index" in plan, plan
     assert sorted(r[0] for r in found) == sorted(ids)
     store.close()
+
+
+# ------------------------------------------------ PostgreSQL's parallel read
+def _sorted_log(cols: dict) -> dict:
+    from bktbayes.recalc import _objects
+
+    order = np.argsort(cols["seq"], kind="stable")
+    out = {k: np.asarray(cols[k])[order] for k in ("pair_key", "correct", "seq", "batch_id")}
+    pairs = cols["pairs"]
+    po = np.argsort(np.asarray(pairs["pair_key"]))
+    out["pairs"] = [
+        (int(k), str(u), str(s))
+        for k, u, s in zip(
+            np.asarray(pairs["pair_key"])[po],
+            _objects(pairs["user_id"])[po],
+            _objects(pairs["skill"])[po],
+            strict=True,
+        )
+    ]
+    return out
+
+
+def test_parallel_read_equals_the_portable_read_over_many_page_ranges(pg_url, monkeypatch):
+    from bktbayes import recalc
+
+    store = MasteryStore(pg_url, _table())
+    _random_traffic(store, np.random.default_rng(11), 150)
+    with store.engine.connect() as c:
+        n_pages = c.exec_driver_sql(
+            "SELECT pg_relation_size('bkt_events') / current_setting('block_size')::int"
+        ).scalar_one()
+    assert n_pages >= 4  # several ranges over both connections, some on one only
+    monkeypatch.setattr(recalc, "_range_pages", lambda block_size: 1)
+    with store.engine.begin() as conn:
+        fast, how = recalc.read_log(store, conn, None, "auto")
+        ref, ref_how = recalc.read_log(store, conn, None, "sqlalchemy")
+    assert (how, ref_how) == ("parallel", "sqlalchemy")
+    a, b = _sorted_log(fast), _sorted_log(ref)
+    assert len(a["seq"]) == _count(store, events) > 0
+    for k in ("pair_key", "correct", "seq", "batch_id"):
+        assert a[k].dtype == b[k].dtype, k
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert a["pairs"] == b["pairs"]
+    # Page order: the events come back in the order a sequential scan reads them.
+    with store.engine.connect() as c:
+        scan = [r[0] for r in c.exec_driver_sql("SELECT seq FROM bkt_events ORDER BY ctid")]
+    assert fast["seq"].tolist() == scan
+
+
+def test_parallel_readers_share_the_recalculation_snapshot(pg_url):
+    # Each reader imports the locking transaction's snapshot: an event
+    # committed after it was taken is not read, whatever the readers' timing.
+    from bktbayes import recalc
+
+    store = MasteryStore(pg_url, _table())
+    store.record_responses("ann", "s0", [1, 0, 1])
+    url = store.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    every_page = [(0, 2**32 - 1)]
+    with store.engine.begin() as conn:
+        snapshot = conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
+        store.record_responses("bob", "s1", [0, 0])  # commits on another connection
+        (in_snapshot,) = recalc._read_ranges(url, snapshot, every_page)
+        (now,) = recalc._read_ranges(url, None, every_page)
+    assert len(in_snapshot[0]) == 3 and len(now[0]) == 5
+    with pytest.raises(ValueError, match="snapshot id"):
+        recalc._read_ranges(url, "1'; DROP TABLE bkt_events; --", every_page)
+
+
+def test_bulk_read_choices_name_what_they_need(db_url):
+    store = MasteryStore(db_url, _table())
+    store.record_responses("ann", "s0", [1])
+    if store.dialect != "postgresql":
+        for bulk in ("parallel", "adbc"):
+            with pytest.raises(ValueError, match=f"bulk='{bulk}' needs PostgreSQL"):
+                store.recalculate(bulk=bulk)
+        assert store.recalculate().bulk_read == "sqlalchemy"
+        return
+    assert store.recalculate().bulk_read == "parallel"
+    assert store.recalculate(users=["ann"]).bulk_read == "adbc"
+    with pytest.raises(ValueError, match="use 'adbc' for some users"):
+        store.recalculate(users=["ann"], bulk="parallel")
+    with pytest.raises(ValueError, match="bulk must be"):
+        store.recalculate(bulk="copy")
+
+
+def test_retain_heap_keeps_freed_memory_in_the_process():
+    # In a child process (the setting is process-wide): a freed 400 MB array
+    # leaves the resident set by default and stays in it once retained.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt")
+    code = """
+import sys, numpy as np
+from bktbayes.recalc import retain_heap
+ok = retain_heap() if sys.argv[1] == "1" else None
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+a = np.ones(50_000_000)  # 400 MB, touched
+before = rss()
+del a
+print(ok, (before - rss()) / 1e6)
+"""
+    out = {}
+    for flag in ("0", "1"):
+        res = subprocess.run(
+            [sys.executable, "-c", code, flag], capture_output=True, text=True, check=True
+        )
+        ok, released = res.stdout.split()
+        out[flag] = (ok, float(released))
+    assert out["1"][0] == "True"
+    assert out["0"][1] > 300  # default: the block goes back to the kernel
+    assert out["1"][1] < 50  # retained
