@@ -65,8 +65,8 @@ def retain_heap() -> bool:
     Why: a recalculation of 10M events allocates and frees about 2 GB of
     arrays. By default glibc returns every freed block over 128 kB to the
     kernel, and the next recalculation faults all of those pages in again,
-    which on the 2-core benchmark machine took 0.6-1.3 s of system time a
-    run (the replay alone: 1.1-2.8 s, against 0.8-1.1 s with the heap kept).
+    which on the 2-core benchmark machine took 0.3-1.9 s of system time in
+    the replay alone (1.1-2.9 s, against 0.8-1.1 s with the heap kept).
     ``bktbayes serve`` and ``bktbayes recalculate`` call this at start-up
     (``BKTBAYES_RETAIN_HEAP=0`` turns it off), so their resident memory stays
     at the largest recalculation's peak; importing or calling the library
