@@ -682,9 +682,12 @@ def _sorted_log(cols: dict) -> dict:
     return out
 
 
-def test_parallel_read_equals_the_portable_read_over_many_page_ranges(pg_url, monkeypatch):
+@pytest.mark.parametrize("adbc", [True, False], ids=["pairs-adbc", "pairs-sqlalchemy"])
+def test_parallel_read_equals_the_portable_read_over_many_page_ranges(pg_url, monkeypatch, adbc):
     from bktbayes import recalc
 
+    if not adbc:  # the mastery rows' keys then come through SQLAlchemy
+        monkeypatch.setattr(recalc, "adbc_available", lambda: False)
     store = MasteryStore(pg_url, _table())
     _random_traffic(store, np.random.default_rng(11), 150)
     with store.engine.connect() as c:
