@@ -171,7 +171,9 @@ def read_log(
 READ_CONNECTIONS = 2
 
 #: One range's events as one binary string: per event three big-endian
-#: 64-bit integers, ``pair_key``, ``seq * 2 + correct`` and ``batch_id``.
+#: 64-bit integers, ``pair_key``, ``seq * 2 + correct`` and ``batch_id``
+#: (folding the response into ``seq`` saves a field per row; a ``seq`` over
+#: 2**62 would make the server raise "bigint out of range", not wrap).
 _PG_RANGE = (
     "SELECT string_agg(int8send(pair_key) || int8send(seq * 2 + correct::int)"
     " || int8send(batch_id), ''::bytea) FROM bkt_events"
@@ -218,7 +220,10 @@ def _read_ranges(
 
     out: list[tuple[np.ndarray, ...]] = []
     empty = _Range(0).load(b"")
-    with psycopg.connect(url) as c:
+    # autocommit: the transaction is this explicit BEGIN, whose isolation
+    # level a snapshot import needs (not an implicit one that the driver
+    # opens at the first statement).
+    with psycopg.connect(url, autocommit=True) as c:
         c.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         if snapshot is not None:
             c.execute("SET TRANSACTION SNAPSHOT " + _quote(snapshot))
