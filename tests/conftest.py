@@ -36,27 +36,26 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 
 
-@pytest.fixture
-def db_url(request, tmp_path):
-    """An empty database: a SQLite file, or the test PostgreSQL server with the
-    bktbayes tables dropped (skipped when no server is configured, an error
-    when BKTBAYES_REQUIRE_PG=1)."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'mastery.db'}"
+def _empty_pg() -> str:
+    """The test PostgreSQL server with the bktbayes tables dropped (skipped
+    when no server is configured, an error when BKTBAYES_REQUIRE_PG=1)."""
     if PG_URL is None:
         if REQUIRE_PG:
             pytest.fail("BKTBAYES_REQUIRE_PG=1 but BKTBAYES_TEST_PG_URL is not set")
         pytest.skip("no PostgreSQL server: set BKTBAYES_TEST_PG_URL (make test starts one)")
     _reset_pg(PG_URL)
     return PG_URL
+
+
+@pytest.fixture
+def db_url(request, tmp_path):
+    """An empty database: a SQLite file, or the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mastery.db'}"
+    return _empty_pg()
 
 
 @pytest.fixture
 def pg_url():
     """The test PostgreSQL server, emptied (for PostgreSQL-only features)."""
-    if PG_URL is None:
-        if REQUIRE_PG:
-            pytest.fail("BKTBAYES_REQUIRE_PG=1 but BKTBAYES_TEST_PG_URL is not set")
-        pytest.skip("no PostgreSQL server: set BKTBAYES_TEST_PG_URL (make test starts one)")
-    _reset_pg(PG_URL)
-    return PG_URL
+    return _empty_pg()
