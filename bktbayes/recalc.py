@@ -142,7 +142,12 @@ def read_log(
             "bulk='parallel' reads the whole log without item ids: use 'adbc' for "
             "some users or for item-level parameters"
         )
-    if bulk == "parallel" or (bulk == "auto" and pg and users is None and not items):
+    # Page ranges are TID range scans from PostgreSQL 14 on; before that each
+    # range would scan the whole table.
+    tid_ranges = pg and (conn.dialect.server_version_info or (0,)) >= (14,)
+    if bulk == "parallel" and not tid_ranges:
+        raise ValueError("bulk='parallel' needs PostgreSQL 14 or later (TID range scans)")
+    if bulk == "parallel" or (bulk == "auto" and tid_ranges and users is None and not items):
         return _read_parallel(store, conn), "parallel"
     use_adbc = pg and (bulk == "adbc" or (bulk == "auto" and adbc_available()))
     log_cols = _LOG_COLUMNS + (("item_id",) if items else ())

@@ -746,6 +746,11 @@ def test_bulk_read_choices_name_what_they_need(db_url):
         store.recalculate(users=["ann"], bulk="parallel")
     with pytest.raises(ValueError, match="bulk must be"):
         store.recalculate(bulk="copy")
+    # Before PostgreSQL 14 a page range would scan the whole table.
+    store.engine.dialect.server_version_info = (13, 9)
+    assert store.recalculate().bulk_read == "adbc"
+    with pytest.raises(ValueError, match="needs PostgreSQL 14"):
+        store.recalculate(bulk="parallel")
 
 
 def test_retain_heap_keeps_freed_memory_in_the_process():
