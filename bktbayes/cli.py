@@ -332,13 +332,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_recalculate(args: argparse.Namespace) -> int:
-    import os
-
     from .recalc import retain_heap
     from .store import MasteryStore
 
-    if os.environ.get("BKTBAYES_RETAIN_HEAP", "1") != "0":
-        retain_heap()
+    retain_heap()
 
     store = MasteryStore(args.db, _load_params(args.params))
     res = store.recalculate(users=args.user or None, bulk=args.bulk)

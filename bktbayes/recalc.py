@@ -67,16 +67,18 @@ def retain_heap() -> bool:
     kernel, and the next recalculation faults all of those pages in again,
     which on the 2-core benchmark machine took 0.3-1.9 s of system time in
     the replay alone (1.1-2.9 s, against 0.8-1.1 s with the heap kept).
-    ``bktbayes serve`` and ``bktbayes recalculate`` call this at start-up
-    (``BKTBAYES_RETAIN_HEAP=0`` turns it off), so their resident memory stays
-    at the largest recalculation's peak; importing or calling the library
-    never changes how the host process allocates.
+    ``bktbayes serve`` and ``bktbayes recalculate`` call this at start-up,
+    so their resident memory stays at the largest recalculation's peak;
+    importing or calling the library never changes how the host process
+    allocates. With ``BKTBAYES_RETAIN_HEAP=0`` in the environment it does
+    nothing (and returns ``False``).
     """
     import ctypes
     import ctypes.util
+    import os
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if os.environ.get("BKTBAYES_RETAIN_HEAP", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
@@ -155,21 +157,21 @@ def read_log(
         return _read_adbc(store, users, log_cols), "adbc"
     from .store import events, mastery_table
 
-    out: dict[str, Any] = {}
-    for table, names, key in ((events, log_cols, None), (mastery_table, _PAIR_COLUMNS, "pairs")):
-        q = sa.select(*(table.c[c] for c in names))
-        if users is not None:
-            q = q.where(table.c.user_id.in_(users))
-        rows = conn.execute(q).all()
-        cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
-        got = {
-            n: np.array(c, dtype=_DTYPES.get(n, object)) for n, c in zip(names, cols, strict=True)
-        }
-        if key is None:
-            out.update(got)
-        else:
-            out[key] = got
+    out = _select_columns(conn, events, log_cols, users)
+    out["pairs"] = _select_columns(conn, mastery_table, _PAIR_COLUMNS, users)
     return out, "sqlalchemy"
+
+
+def _select_columns(
+    conn: sa.Connection, table: sa.Table, names: Sequence[str], users: Sequence[str] | None
+) -> dict[str, np.ndarray]:
+    """Columns of ``table`` (optionally for some users) through the DBAPI."""
+    q = sa.select(*(table.c[c] for c in names))
+    if users is not None:
+        q = q.where(table.c.user_id.in_(users))
+    rows = conn.execute(q).all()
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+    return {n: np.array(c, dtype=_DTYPES.get(n, object)) for n, c in zip(names, cols, strict=True)}
 
 
 #: Connections that read the log at once in the "parallel" read.
@@ -297,12 +299,7 @@ def _read_pairs(store: MasteryStore, conn: sa.Connection) -> dict[str, Any]:
         return _read_adbc(store, None, ())["pairs"]
     from .store import mastery_table
 
-    rows = conn.execute(sa.select(*(mastery_table.c[c] for c in _PAIR_COLUMNS))).all()
-    cols = list(zip(*rows, strict=True)) if rows else [() for _ in _PAIR_COLUMNS]
-    return {
-        n: np.array(c, dtype=np.int64 if n == "pair_key" else object)
-        for n, c in zip(_PAIR_COLUMNS, cols, strict=True)
-    }
+    return _select_columns(conn, mastery_table, _PAIR_COLUMNS, None)
 
 
 def _read_adbc(

@@ -312,11 +312,9 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         # and took about 60 ms each (the p99 latency); frozen, about 4 ms.
         gc.collect()
         gc.freeze()
-        if os.environ.get("BKTBAYES_RETAIN_HEAP", "1") != "0":
-            # Recalculation jobs reuse their memory (see retain_heap).
-            from .recalc import retain_heap
+        from .recalc import retain_heap
 
-            retain_heap()
+        retain_heap()  # recalculation jobs reuse their memory
         # The warm-up creates objects that live as long as the process
         # (numba's loaded kernels, pyarrow, the database driver); it freezes
         # them too when it is done. Left unfrozen, they made full collections

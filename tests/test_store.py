@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -780,3 +781,12 @@ print(ok, (before - rss()) / 1e6)
     assert out["1"][0] == "True"
     assert out["0"][1] > 300  # default: the block goes back to the kernel
     assert out["1"][1] < 50  # retained
+    # BKTBAYES_RETAIN_HEAP=0 switches it off for the service and the CLI.
+    off = subprocess.run(
+        [sys.executable, "-c", code, "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BKTBAYES_RETAIN_HEAP": "0"},
+    ).stdout.split()
+    assert off[0] == "False" and float(off[1]) > 300
