@@ -1177,7 +1177,7 @@ class MasteryStore:
             New parameters: the rows are rebuilt with them, and the store
             serves them from then on.
         bulk : {"auto", "parallel", "adbc", "sqlalchemy"}
-            How to read the log: ``"parallel"`` (PostgreSQL, whole log, no
+            How to read the log: ``"parallel"`` (PostgreSQL 14+, whole log, no
             item-level parameters: two connections on this transaction's
             snapshot, each aggregating heap page ranges into binary
             strings), ``"adbc"`` (PostgreSQL: the ADBC driver's binary COPY
