@@ -188,9 +188,6 @@ _PG_RANGE = (
 )
 
 
-_PARALLEL_COLUMNS = ("pair_key", "seq", "correct", "batch_id")
-
-
 def _range_pages(block_size: int) -> int:
     """Heap pages per range: 2048 pages of 8 kB hold at most about 600k rows
     (``block_size / 28`` a page), a string of at most 14 MB, far below
@@ -204,8 +201,7 @@ def _read_ranges(
 ) -> list[tuple[np.ndarray, ...]]:
     """The log's events in each heap page range ``[lo, hi)``, read on a new
     connection that imports ``snapshot`` (from ``pg_export_snapshot()``;
-    ``None``: its own), as the columns ``pair_key, seq, correct, batch_id``
-    of each range."""
+    ``None``: its own), as the columns :data:`_LOG_COLUMNS` of each range."""
     import psycopg
     from psycopg.adapt import Loader
     from psycopg.pq import Format
@@ -218,10 +214,11 @@ def _read_ranges(
         def load(self, data: Any) -> tuple[np.ndarray, ...]:
             raw = np.frombuffer(data, dtype=">i8").reshape(-1, 3)
             sc = raw[:, 1].astype(np.int64)
+            # In the order of _LOG_COLUMNS: pair_key, correct, seq, batch_id.
             return (
                 raw[:, 0].astype(np.int64),
-                sc >> 1,
                 (sc & 1).astype(bool),
+                sc >> 1,
                 raw[:, 2].astype(np.int64),
             )
 
@@ -287,7 +284,7 @@ def _read_parallel(store: MasteryStore, conn: sa.Connection) -> dict[str, Any]:
     parts = [got[k % n_conn][k // n_conn] for k in range(len(ranges))]
     del got
     out: dict[str, Any] = {
-        name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(_PARALLEL_COLUMNS)
+        name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(_LOG_COLUMNS)
     }
     out["pairs"] = pairs
     return out
