@@ -164,6 +164,111 @@ def _mastery_out(row: MasteryRow) -> MasteryOut:
     return MasteryOut(**row.to_dict())
 
 
+def _flashcard_request(body: FlashcardSession) -> WriteRequest:
+    return MasteryStore.flashcard_request(
+        body.user_id,
+        body.skill,
+        [r.correct for r in body.responses],
+        event_ids=[r.event_id for r in body.responses],
+        times=[r.time for r in body.responses],
+        items=[r.item_id for r in body.responses],
+    )
+
+
+def _exam_request(body: ExamAnswers) -> WriteRequest:
+    return MasteryStore.exam_request(
+        body.user_id, [a.model_dump(exclude_none=True) for a in body.answers]
+    )
+
+
+def _conflict_json(exc: EventConflictError) -> JSONResponse:
+    return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+
+def _bad_input_json(exc: StoreInputError) -> JSONResponse:
+    # The same shape as FastAPI's own 422, so one documented schema covers both.
+    detail = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+class _Decline(Exception):
+    """The fast path leaves this request to the full application."""
+
+
+class _FastWrites:
+    """ASGI middleware that answers the accepted requests of the two write
+    endpoints itself, and passes everything else on to FastAPI.
+
+    Under load these two endpoints are nearly every request, and below this
+    middleware FastAPI's exception middleware, exit stack, router, request
+    and dependency layers cost as much CPU as the endpoint's own work
+    (py-spy of the service at 1,000 requests/s). It sits inside FastAPI's
+    server-error and body-limit middleware, so a bug is still a logged 500.
+    It answers only what the routes would answer with their own success or
+    store-error responses: a request with a missing or wrong key, a body
+    that fails validation, or a client that disconnects is replayed,
+    unchanged, to the full application, which gives its usual 401 or 422
+    (``tests/test_service.py`` compares the two paths response by response).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        routes: dict[str, tuple[type[BaseModel], Any]],
+        key_ok: Any,
+        key_header: bytes,
+        answer: Any,
+    ) -> None:
+        self.app = app
+        self.routes = routes
+        self.key_ok = key_ok
+        self.key_header = key_header
+        self.answer = answer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        route = None
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            route = self.routes.get(scope["path"])
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        key = next((v.decode("latin-1") for k, v in scope["headers"] if k == self.key_header), None)
+        if not self.key_ok(key):
+            await self.app(scope, receive, send)
+            return
+        received = []
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        try:
+            if message["type"] != "http.request":
+                raise _Decline
+            model, build = route
+            try:
+                request = build(
+                    model.model_validate_json(b"".join(m.get("body", b"") for m in received))
+                )
+            except (ValidationError, StoreInputError):
+                raise _Decline from None
+        except _Decline:
+            await self.app(scope, _replay(received, receive), send)
+            return
+        response = await self.answer(request)
+        await response(scope, receive, send)
+
+
+def _replay(messages: list[dict], receive: Any) -> Any:
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
 def _record_json(res: RecordResult) -> HTTPResponse:
     """A write's result as :class:`RecordOut` JSON, encoded once from plain
     values (the route's ``response_model`` stays declared for the OpenAPI
@@ -286,7 +391,13 @@ class _Jobs:
         return None if rec is None else JobOut(**rec)
 
 
-def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: int = 256) -> FastAPI:
+def create_app(
+    store: MasteryStore,
+    *,
+    api_key: str | None = None,
+    max_group: int = 256,
+    fast_writes: bool = True,
+) -> FastAPI:
     """The ASGI application over ``store``.
 
     Parameters
@@ -296,6 +407,11 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
         When set, writes need header ``X-API-Key`` with this value (else 401).
     max_group : int
         Most writes grouped into one transaction.
+    fast_writes : bool
+        Answer accepted flashcard-session and exam-answer writes below
+        FastAPI's routing (the same responses for a third less CPU per
+        request; see ``_FastWrites``). False sends every request through
+        FastAPI.
     """
     # The writer thread and the event loop share the GIL; CPython's default
     # 5 ms switch interval makes the loop wait behind the writer after every
@@ -338,10 +454,13 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     app.state.store = store
     app.state.writer = writer
 
-    def check_key(key: str | None) -> None:
+    def key_ok(key: str | None) -> bool:
         if api_key is None:
-            return
-        if key is None or not hmac.compare_digest(key.encode(), api_key.encode()):
+            return True
+        return key is not None and hmac.compare_digest(key.encode(), api_key.encode())
+
+    def check_key(key: str | None) -> None:
+        if not key_ok(key):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong API key (header X-API-Key)",
@@ -404,13 +523,11 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     # Only the store's own input errors are mapped; anything else stays a 500.
     @app.exception_handler(EventConflictError)
     async def _conflict(request: Request, exc: EventConflictError) -> JSONResponse:
-        return JSONResponse(status_code=409, content={"detail": str(exc)})
+        return _conflict_json(exc)
 
     @app.exception_handler(StoreInputError)
     async def _bad_input(request: Request, exc: StoreInputError) -> JSONResponse:
-        # The same shape as FastAPI's own 422, so one documented schema covers both.
-        detail = [{"loc": ["body"], "msg": str(exc), "type": "value_error"}]
-        return JSONResponse(status_code=422, content={"detail": detail})
+        return _bad_input_json(exc)
 
     async def _submit(req: WriteRequest) -> RecordResult:
         return await asyncio.wrap_future(writer.submit(req))
@@ -434,25 +551,35 @@ def create_app(store: MasteryStore, *, api_key: str | None = None, max_group: in
     async def record_flashcard_session(request: Request) -> HTTPResponse:
         """Record a flashcard session (one batch) and update the (user, skill) row."""
         body = await parse(request, FlashcardSession)
-        req = MasteryStore.flashcard_request(
-            body.user_id,
-            body.skill,
-            [r.correct for r in body.responses],
-            event_ids=[r.event_id for r in body.responses],
-            times=[r.time for r in body.responses],
-            items=[r.item_id for r in body.responses],
-        )
-        return _record_json(await _submit(req))
+        return _record_json(await _submit(_flashcard_request(body)))
 
     @app.post("/v1/exam-answers", **lean_write(ExamAnswers))
     async def record_exam_answers(request: Request) -> HTTPResponse:
         """Record exam answers tagged with skills: every tagged skill's row is
         updated in one transaction."""
         body = await parse(request, ExamAnswers)
-        req = MasteryStore.exam_request(
-            body.user_id, [a.model_dump(exclude_none=True) for a in body.answers]
+        return _record_json(await _submit(_exam_request(body)))
+
+    async def _answer(req: WriteRequest) -> HTTPResponse:
+        # The store's errors after submission, with the handlers' responses.
+        try:
+            return _record_json(await _submit(req))
+        except EventConflictError as exc:
+            return _conflict_json(exc)
+        except StoreInputError as exc:
+            return _bad_input_json(exc)
+
+    if fast_writes:
+        app.add_middleware(
+            _FastWrites,
+            routes={
+                "/v1/flashcard-sessions": (FlashcardSession, _flashcard_request),
+                "/v1/exam-answers": (ExamAnswers, _exam_request),
+            },
+            key_ok=key_ok,
+            key_header=key_header.model.name.lower().encode("latin-1"),
+            answer=_answer,
         )
-        return _record_json(await _submit(req))
 
     @app.get("/v1/users/{user_id}/mastery", response_model=UserMastery, tags=["read"])
     def user_mastery(user_id: PathId) -> UserMastery:

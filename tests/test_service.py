@@ -487,3 +487,98 @@ def test_undecodable_body_is_422_and_the_key_is_checked_first(server, client):
         with httpx.Client(base_url=server.url) as anon:
             assert anon.post(path, content=b"{").status_code == 401
     assert server.store.events()["seq"].size == 0
+
+
+def test_fast_write_path_answers_as_the_routes_do(tmp_path, monkeypatch):
+    """The write fast path (service._FastWrites) against the same service with
+    every request routed through FastAPI: the same sequence of requests,
+    accepted and rejected, must give the same status, headers and body on
+    both, and the fast path must answer the accepted ones itself and hand
+    each rejected one over to FastAPI (body replayed unchanged)."""
+    import bktbayes.service as service
+
+    handed = []  # requests the fast path passed on to FastAPI
+
+    class Counting(service._FastWrites):
+        def __init__(self, app, **kw):
+            async def counted(scope, receive, send):
+                if scope["type"] == "http":
+                    handed.append(scope["path"])
+                await app(scope, receive, send)
+
+            super().__init__(counted, **kw)
+
+    monkeypatch.setattr(service, "_FastWrites", Counting)
+    table = ParamTable({"fractions": BKTParams()}, BKTParams(0.25, 0.1, 0.2, 0.1), model="t")
+    fc, ex = "/v1/flashcard-sessions", "/v1/exam-answers"
+
+    def chunks():  # a body in several ASGI messages (chunked transfer)
+        yield b'{"user_id": "bob", "skill": "s",'
+        yield b' "responses": [{"correct": false}, {"correct": true, "event_id": "c"}]}'
+
+    def card(*responses, **extra):
+        return {
+            "json": {"user_id": "ann", "skill": "fractions", "responses": list(responses)} | extra
+        }
+
+    def exam(*answers):
+        return {"json": {"user_id": "ann", "answers": list(answers)}}
+
+    a_right, a_wrong = {"correct": True, "event_id": "a"}, {"correct": False, "event_id": "a"}
+    future = {"correct": True, "time": "2999-01-01T00:00:00Z", "item_id": "card-7"}
+    d_twice = ({"correct": True, "event_id": "d"}, {"correct": False, "event_id": "d"})
+    # (method, path, keyword arguments, key header, answered by the fast path)
+    cases = [
+        ("POST", fc, card(a_right), KEY, True),
+        ("POST", fc, card(a_right), KEY, True),  # a retry: counted once
+        ("POST", fc + "?x=1", card(a_wrong), KEY, True),  # 409 from the log
+        ("POST", fc, {"content": chunks()}, KEY, True),
+        ("POST", fc, card(a_right), None, False),
+        ("POST", fc, card(a_right), KEY + "x", False),
+        ("POST", fc, {"content": b'{"user_id": '}, KEY, False),
+        ("POST", fc, {"content": b"<t\xf75"}, KEY, False),
+        ("POST", fc, card(a_right, x=1), KEY, False),
+        ("POST", fc, card({"correct": 2}), KEY, False),
+        ("POST", fc, card(future), KEY, True),
+        ("POST", fc, card(*d_twice), KEY, False),  # the store's 409
+        ("POST", ex, exam({"event_id": "q1", "correct": True, "skills": ["a", "b"]}), KEY, True),
+        ("POST", ex, exam({"event_id": "q1", "correct": False, "skills": ["a"]}), KEY, True),
+        ("POST", ex, exam({"event_id": "q2", "correct": 1, "skills": []}), KEY, False),
+        ("GET", fc, {}, KEY, None),
+        ("POST", fc + "/", card(a_right), KEY, None),
+        ("GET", "/v1/users/ann/mastery", {}, None, None),
+    ]
+
+    def normalise(doc):  # drop what depends on the clock
+        if isinstance(doc, dict):
+            return {k: normalise(v) for k, v in doc.items() if k != "updated_at"}
+        if isinstance(doc, list):
+            return [normalise(v) for v in doc]
+        return doc
+
+    answers = {}
+    for fast in (True, False):
+        store = MasteryStore(f"sqlite:///{tmp_path / f'{fast}.db'}", table)
+        srv = _Server(store, KEY)
+        srv.app = create_app(store, api_key=KEY, fast_writes=fast)
+        srv.server.config.app = srv.app
+        out = []
+        with srv, httpx.Client(base_url=srv.url, timeout=30, follow_redirects=False) as c:
+            for method, path, kw, key, by_fast in cases:
+                before = len(handed)
+                headers = {"X-API-Key": key} if key else {}
+                if "content" in kw and not isinstance(kw["content"], bytes):
+                    kw = {"content": chunks()}  # a generator runs once
+                r = c.request(method, path, headers=headers, **kw)
+                body = normalise(r.json()) if r.content else None
+                out.append((r.status_code, r.headers.get("content-type"), body))
+                if fast and by_fast is not None:
+                    assert len(handed) - before == (0 if by_fast else 1), (path, kw, r.text)
+        store.close()
+        answers[fast] = out
+    for case, a, b in zip(cases, answers[True], answers[False], strict=True):
+        assert a == b, case
+    codes = [a[0] for a in answers[True]]
+    want = [200, 200, 409, 200, 401, 401, 422, 422, 422, 422, 200, 409, 200, 409, 422, 405, 307]
+    assert codes == [*want, 200]
+    assert answers[True][1][2]["duplicates"] == ["a"]
