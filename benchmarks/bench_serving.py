@@ -5,6 +5,8 @@
 
 Parts:
   store   p50/p99 latency of one record_responses call (3 responses), SQLite and PostgreSQL
+  asgi    the service's own CPU per write request (its ASGI app driven in-process),
+          with the write fast path and routed through FastAPI, alternating
   http    load test of `bktbayes serve` on PostgreSQL: client processes on loopback
           (a raw asyncio HTTP/1.1 keep-alive client, so that the client's own cost
           stays small on this 2-core machine), fixed duration; requests/s, p50/p99;
@@ -161,8 +163,16 @@ def _client_proc(args: tuple) -> tuple[list[float], dict[str, int], int]:
 
 
 def bench_http(
-    duration: float, procs: int, conns: int, users: int, skills: int, workers: int, rate: float
-) -> None:
+    duration: float,
+    procs: int,
+    conns: int,
+    users: int,
+    skills: int,
+    workers: int,
+    rate: float,
+    fast_writes: bool = True,
+) -> dict[str, tuple[float, float, float]]:
+    """Returns, per run, (requests/s, p50 ms, p99 ms)."""
     import sqlalchemy as sa
 
     from bktbayes.store import MasteryStore, events
@@ -176,6 +186,7 @@ def bench_http(
         [
             *(sys.executable, "-m", "bktbayes.cli", "serve", "--db", url, "--port", str(port)),
             *("--log-level", "warning", "--workers", str(workers)),
+            *(() if fast_writes else ("--no-fast-writes",)),
         ],
         env=env,
     )
@@ -206,13 +217,16 @@ def bench_http(
         server.terminate()
         server.wait(timeout=30)
     out = []
+    figures = {}
     for mode, (res, wall) in results.items():
         out += res
         lat = np.concatenate([np.asarray(o[0]) for o in res])
         errors = sum(o[2] for o in res)
         p50, p99 = np.percentile(lat, [50, 99]) * 1e3
+        figures[mode] = (len(lat) / wall, p50, p99)
         print(
-            f"http PostgreSQL, {workers} server processes, {procs} client processes x {conns} "
+            f"http PostgreSQL, {workers} server processes"
+            f"{'' if fast_writes else ' (--no-fast-writes)'}, {procs} client processes x {conns} "
             f"connections, {duration:.0f} s, {mode}: {len(lat) / wall:,.0f} requests/s, "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {errors} non-200 responses"
         )
@@ -262,6 +276,113 @@ def bench_http(
         f"attempts differ from the log: {mismatch}; max |row - replay of log| {worst:.1e}"
     )
     store.close()
+    return figures
+
+
+# ---------------------------------------------------------------------- asgi
+async def _asgi_cpu(fast_writes: bool, n: int, seed: int) -> tuple[float, float]:
+    """Drive the service's ASGI app in-process with 32 concurrent writers (no
+    sockets, no uvicorn): CPU of this process (event loop + writer thread) per
+    request, in ms, and requests/s."""
+    import gc
+
+    from bktbayes.service import create_app
+    from bktbayes.store import MasteryStore
+
+    url = _pg_url()
+    _reset(url)
+    store = MasteryStore(url)
+    key = b"asgi-key-0123456789abcdef"
+    app = create_app(store, api_key=key.decode(), fast_writes=fast_writes)
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for i in range(n):
+        resp = [
+            {"correct": bool(x), "event_id": f"a{seed}-{i}-{j}"}
+            for j, x in enumerate(rng.random(int(rng.integers(1, 6))) < 0.65)
+        ]
+        doc = {"user_id": f"u{rng.integers(2000)}", "skill": f"s{rng.integers(20)}"}
+        bodies.append(json.dumps(doc | {"responses": resp}).encode())
+
+    async def call(body: bytes) -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/flashcard-sessions",
+            "raw_path": b"/v1/flashcard-sessions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"host", b"bench"),
+                (b"content-type", b"application/json"),
+                (b"x-api-key", key),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+            "state": {},
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)  # no disconnect while the request runs
+            return {"type": "http.disconnect"}
+
+        status = []
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await app(scope, receive, send)
+        if status != [200]:
+            raise RuntimeError(f"status {status}")
+
+    warm = 50
+    for b in bodies[:warm]:
+        await call(b)
+    gc.collect()
+    gc.freeze()  # as the service's lifespan does
+    todo = iter(bodies[warm:])
+
+    async def worker() -> None:
+        for b in todo:
+            await call(b)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(32)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    app.state.writer.close()
+    store.close()
+    gc.unfreeze()
+    return 1e3 * cpu / (n - warm), (n - warm) / wall
+
+
+def bench_asgi(n: int = 4000, reps: int = 5) -> None:
+    """The service's own CPU per write request, fast path against routed,
+    alternating (the same PostgreSQL, a fresh schema each run)."""
+    import uvloop
+
+    cpu: dict[bool, list[float]] = {True: [], False: []}
+    for rep in range(reps):
+        for fast in (True, False):
+            ms, rps = uvloop.run(_asgi_cpu(fast, n, rep))
+            cpu[fast].append(ms)
+            print(
+                f"asgi in-process, {'fast path' if fast else 'routed   '}: {ms:.3f} ms CPU "
+                f"per request ({rps:,.0f} requests/s)",
+                flush=True,
+            )
+    f, r = np.median(cpu[True]), np.median(cpu[False])
+    print(
+        f"asgi in-process, median of {reps}: fast path {f:.3f} ms, routed {r:.3f} ms CPU per "
+        f"request: x{f / r:.2f}"
+    )
 
 
 # -------------------------------------------------------------------- recalc
@@ -472,13 +593,20 @@ def bench_dask(n_events: int, workers: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--part", default="all", choices=["all", "store", "http", "recalc", "dask"])
+    ap.add_argument(
+        "--part", default="all", choices=["all", "store", "asgi", "http", "recalc", "dask"]
+    )
     ap.add_argument("--calls", type=int, default=2000, help="store: calls per database")
     ap.add_argument("--duration", type=float, default=15.0, help="http: seconds")
     ap.add_argument("--procs", type=int, default=4, help="http: client processes")
     ap.add_argument("--conns", type=int, default=8, help="http: connections per process")
     ap.add_argument("--server-workers", type=int, default=1, help="http: server processes")
     ap.add_argument("--rate", type=float, default=1000.0, help="http: fixed-rate run, req/s")
+    ap.add_argument(
+        "--baseline",
+        action="store_true",
+        help="http: then the same runs with `serve --no-fast-writes`, for the ratio",
+    )
     ap.add_argument("--events", type=int, default=10_000_000, help="recalc/dask: log size")
     ap.add_argument("--no-portable", action="store_true", help="recalc: skip the portable path")
     ap.add_argument(
@@ -490,8 +618,25 @@ def main() -> None:
     a = ap.parse_args()
     if a.part in ("all", "store"):
         bench_store(a.calls)
+    if a.part in ("all", "asgi"):
+        bench_asgi()
     if a.part in ("all", "http"):
-        bench_http(a.duration, a.procs, a.conns, 2000, 20, workers=a.server_workers, rate=a.rate)
+        fast = bench_http(
+            a.duration, a.procs, a.conns, 2000, 20, workers=a.server_workers, rate=a.rate
+        )
+        if a.baseline:
+            routed = bench_http(
+                *(a.duration, a.procs, a.conns, 2000, 20),
+                workers=a.server_workers,
+                rate=a.rate,
+                fast_writes=False,
+            )
+            for mode, (rps, p50, p99) in fast.items():
+                b = routed[mode]
+                print(
+                    f"  fast path / routed, {mode}: requests/s x{rps / b[0]:.2f}, "
+                    f"p50 x{p50 / b[1]:.2f}, p99 x{p99 / b[2]:.2f}"
+                )
     if a.part in ("all", "recalc"):
         bench_recalc(a.events, not a.no_portable, not a.no_retain_heap)
     if a.part in ("all", "dask"):

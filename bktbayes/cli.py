@@ -318,6 +318,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             os.environ["BKTBAYES_PARAMS"] = str(Path(args.params).resolve())
         if key:
             os.environ["BKTBAYES_API_KEY"] = key
+        os.environ["BKTBAYES_FAST_WRITES"] = "1" if args.fast_writes else "0"
         store.close()
         uvicorn.run(
             "bktbayes.service:app_from_env",
@@ -327,7 +328,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             **common,
         )
         return 0
-    uvicorn.run(create_app(store, api_key=key), access_log=False, **common)
+    app = create_app(store, api_key=key, fast_writes=args.fast_writes)
+    uvicorn.run(app, access_log=False, **common)
     return 0
 
 
@@ -758,6 +760,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="server processes (default 1; the database's locks keep them consistent)",
+    )
+    v.add_argument(
+        "--no-fast-writes",
+        dest="fast_writes",
+        action="store_false",
+        help="route the write endpoints through FastAPI too (the same responses, more CPU)",
     )
     v.set_defaults(func=_cmd_serve)
 

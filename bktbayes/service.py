@@ -6,6 +6,9 @@ recalculation) need the API key when one is configured (header ``X-API-Key``,
 compared in constant time); reads are open. A 2xx to a write means it is
 committed: concurrent writes are grouped into one transaction by a writer
 thread (:class:`GroupWriter`) and every response is sent after that commit.
+The accepted requests of the two write endpoints are answered by an ASGI
+fast path below FastAPI's routing (``_FastWrites``) with the responses the
+routes give; everything else, rejected writes included, goes through FastAPI.
 
 Errors: request bodies that do not match the schema get FastAPI's 422 naming
 the field; input the store rejects gets 422 with its message; an event id
@@ -685,7 +688,8 @@ def _lean_openapi(app: FastAPI, models: list[type[BaseModel]]) -> None:
 def app_from_env() -> FastAPI:
     """Application factory for ``uvicorn --factory`` and ``bktbayes serve --workers N``:
     reads ``BKTBAYES_DB`` (SQLAlchemy URL), ``BKTBAYES_PARAMS`` (parameter JSON,
-    optional) and ``BKTBAYES_API_KEY`` (optional) from the environment."""
+    optional), ``BKTBAYES_API_KEY`` (optional) and ``BKTBAYES_FAST_WRITES``
+    (``0`` turns the write fast path off) from the environment."""
     import os
 
     from .params import ParamTable
@@ -695,4 +699,8 @@ def app_from_env() -> FastAPI:
         os.environ.get("BKTBAYES_DB", "sqlite:///mastery.db"),
         ParamTable.from_json(params) if params else None,
     )
-    return create_app(store, api_key=os.environ.get("BKTBAYES_API_KEY") or None)
+    return create_app(
+        store,
+        api_key=os.environ.get("BKTBAYES_API_KEY") or None,
+        fast_writes=os.environ.get("BKTBAYES_FAST_WRITES", "1") != "0",
+    )
