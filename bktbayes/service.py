@@ -25,6 +25,7 @@ import os
 import queue
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse
 from fastapi.responses import Response as HTTPResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .store import (
@@ -216,12 +218,12 @@ class _FastWrites:
 
     def __init__(
         self,
-        app: Any,
+        app: ASGIApp,
         *,
-        routes: dict[str, tuple[type[BaseModel], Any]],
-        key_ok: Any,
+        routes: dict[str, tuple[type[BaseModel], Callable[[Any], WriteRequest]]],
+        key_ok: Callable[[str | None], bool],
         key_header: bytes,
-        answer: Any,
+        answer: Callable[[WriteRequest], Awaitable[HTTPResponse]],
     ) -> None:
         self.app = app
         self.routes = routes
@@ -229,7 +231,7 @@ class _FastWrites:
         self.key_header = key_header
         self.answer = answer
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = None
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             route = self.routes.get(scope["path"])
@@ -240,7 +242,7 @@ class _FastWrites:
         if not self.key_ok(key):
             await self.app(scope, receive, send)
             return
-        received = []
+        received: list[Message] = []
         while True:
             message = await receive()
             received.append(message)
@@ -263,10 +265,10 @@ class _FastWrites:
         await response(scope, receive, send)
 
 
-def _replay(messages: list[dict], receive: Any) -> Any:
+def _replay(messages: list[Message], receive: Receive) -> Receive:
     pending = list(messages)
 
-    async def replayed() -> dict:
+    async def replayed() -> Message:
         return pending.pop(0) if pending else await receive()
 
     return replayed
