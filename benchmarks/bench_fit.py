@@ -168,6 +168,27 @@ def part_mode(skill: str, seed: int, fit_dir: str | None) -> None:
     one = df[df["skill"] == skill]
     if one.empty:
         raise SystemExit(f"no skill {skill!r} in the bundled data")
+    # What the skill's sequences look like, and the per-skill ML estimate
+    # the full fit's chains start from.
+    seqs = (
+        one.sort_values(["user_id", "order"])
+        .groupby("user_id")["correct"]
+        .agg(lambda c: "".join(map(str, c.astype(int))))
+    )
+    top = ", ".join(f"{k} x{v}" for k, v in seqs.value_counts().head(6).items())
+    print(
+        f"{skill}: {seqs.size} students, responses per student median "
+        f"{int(seqs.str.len().median())}, {int((seqs.str.len() == 1).sum())} answered once, "
+        f"{int(seqs.str.endswith('111').sum())} sequences end in three correct; most common: {top}"
+    )
+    full = BKTModel()
+    full.build_model(df)
+    est = full._fast_estimate_cached()["params"]
+    k = list(full._packed.skills).index(skill)
+    print(
+        "  per-skill ML estimate (where the full fit's chains start): "
+        + ", ".join(f"{n} {v[k]:.3f}" for n, v in est.items() if n != "p_forget")
+    )
     pri = {f"mu_{g}": {"mu": mu, "sigma": sd} for g, (mu, sd) in hyper.items()}
     m1 = BKTModel(pooling="none", priors=pri)
     with warnings.catch_warnings():
