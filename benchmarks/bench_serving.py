@@ -9,8 +9,9 @@ Parts:
           with the write fast path and routed through FastAPI, alternating
   http    load test of `bktbayes serve` on PostgreSQL: client processes on loopback
           (a raw asyncio HTTP/1.1 keep-alive client, so that the client's own cost
-          stays small on this 2-core machine), fixed duration; requests/s, p50/p99;
-          then checks that no update was lost or doubled
+          stays small on this 2-core machine), fixed duration; requests/s, p50/p99,
+          and whether the slowest 1% came in a few stalls (250 ms windows); then
+          checks that no update was lost or doubled
   recalc  10 million events in PostgreSQL's log -> mastery rows: the parallel
           snapshot read (and, beside it, the single-connection ADBC read) + binary
           COPY write, and the portable SQLAlchemy path; --no-retain-heap for the
@@ -100,13 +101,14 @@ async def _client(
     users: int,
     skills: int,
     rate: float = 0.0,
-) -> tuple[list[float], dict[str, int], int]:
+) -> tuple[list[float], dict[str, int], int, list[float]]:
     """One client process: ``conns`` keep-alive connections. With ``rate`` 0
     each sends its next request as soon as the last is answered (closed loop,
     saturation); otherwise each connection sends on a fixed schedule adding up
     to ``rate`` requests/s for the process (open loop), and latency counts from
     the scheduled time, so that a stalled server cannot hide its queue."""
     lat: list[float] = []
+    done: list[float] = []  # perf_counter at each answer (one clock for all processes)
     sent: dict[str, int] = {}
     errors = 0
     deadline = time.perf_counter() + duration
@@ -145,7 +147,8 @@ async def _client(
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             await reader.readexactly(length)
-            lat.append(time.perf_counter() - t)
+            done.append(time.perf_counter())
+            lat.append(done[-1] - t)
             if head.startswith(b"HTTP/1.1 200"):
                 key = f"{user}\t{skill}"
                 sent[key] = sent.get(key, 0) + k
@@ -155,10 +158,10 @@ async def _client(
         writer.close()
 
     await asyncio.gather(*(one(c) for c in range(conns)))
-    return lat, sent, errors
+    return lat, sent, errors, done
 
 
-def _client_proc(args: tuple) -> tuple[list[float], dict[str, int], int]:
+def _client_proc(args: tuple) -> tuple[list[float], dict[str, int], int, list[float]]:
     return asyncio.run(_client(*args))
 
 
@@ -221,14 +224,26 @@ def bench_http(
     for mode, (res, wall) in results.items():
         out += res
         lat = np.concatenate([np.asarray(o[0]) for o in res])
+        done = np.concatenate([np.asarray(o[3]) for o in res])
         errors = sum(o[2] for o in res)
         p50, p99 = np.percentile(lat, [50, 99]) * 1e3
         figures[mode] = (len(lat) / wall, p50, p99)
+        # Where the slowest 1% came from: spread over the run, or a few
+        # stalls that every client saw (then it is the server's side).
+        window = np.floor((done - done.min()) * 4).astype(int)  # 250 ms windows
+        over = np.bincount(window[lat * 1e3 > p99], minlength=window.max() + 1)
+        worst = np.argsort(over)[::-1][:3]
         print(
             f"http PostgreSQL, {workers} server processes"
             f"{'' if fast_writes else ' (--no-fast-writes)'}, {procs} client processes x {conns} "
             f"connections, {duration:.0f} s, {mode}: {len(lat) / wall:,.0f} requests/s, "
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {errors} non-200 responses"
+        )
+        print(
+            f"  slowest 1%: {over[worst].sum() / max(over.sum(), 1):.0%} of them in the worst "
+            "three 250 ms windows (at "
+            + ", ".join(f"{w / 4:.2f} s: {over[w]}" for w in worst)
+            + f"); slowest request {lat.max() * 1e3:.1f} ms"
         )
     # Integrity after the run: attempts equal what was acknowledged (warm-up
     # included), and rows equal a replay of the log.
