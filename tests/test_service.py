@@ -582,3 +582,21 @@ def test_fast_write_path_answers_as_the_routes_do(tmp_path, monkeypatch):
     want = [200, 200, 409, 200, 401, 401, 422, 422, 422, 422, 200, 409, 200, 409, 422, 405, 307]
     assert codes == [*want, 200]
     assert answers[True][1][2]["duplicates"] == ["a"]
+
+
+def test_fast_writes_setting_reaches_worker_processes(tmp_path, monkeypatch):
+    # `bktbayes serve --workers N --no-fast-writes` hands the setting to the
+    # worker processes' app factory through the environment.
+    from bktbayes.service import _FastWrites, app_from_env
+
+    monkeypatch.setenv("BKTBAYES_DB", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.delenv("BKTBAYES_PARAMS", raising=False)
+    for value, expected in ((None, True), ("1", True), ("0", False)):
+        if value is None:
+            monkeypatch.delenv("BKTBAYES_FAST_WRITES", raising=False)
+        else:
+            monkeypatch.setenv("BKTBAYES_FAST_WRITES", value)
+        app = app_from_env()
+        assert any(m.cls is _FastWrites for m in app.user_middleware) is expected, value
+        app.state.writer.close()
+        app.state.store.close()
