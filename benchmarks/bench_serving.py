@@ -232,7 +232,7 @@ def bench_http(
         # stalls that every client saw (then it is the server's side).
         window = np.floor((done - done.min()) * 4).astype(int)  # 250 ms windows
         over = np.bincount(window[lat * 1e3 > p99], minlength=window.max() + 1)
-        worst = np.argsort(over)[::-1][:3]
+        stalls = np.argsort(over)[::-1][:3]
         print(
             f"http PostgreSQL, {workers} server processes"
             f"{'' if fast_writes else ' (--no-fast-writes)'}, {procs} client processes x {conns} "
@@ -240,9 +240,9 @@ def bench_http(
             f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, {errors} non-200 responses"
         )
         print(
-            f"  slowest 1%: {over[worst].sum() / max(over.sum(), 1):.0%} of them in the worst "
+            f"  slowest 1%: {over[stalls].sum() / max(over.sum(), 1):.0%} of them in the worst "
             "three 250 ms windows (at "
-            + ", ".join(f"{w / 4:.2f} s: {over[w]}" for w in worst)
+            + ", ".join(f"{w / 4:.2f} s: {over[w]}" for w in stalls)
             + f"); slowest request {lat.max() * 1e3:.1f} ms"
         )
     # Integrity after the run: attempts equal what was acknowledged (warm-up
