@@ -14,6 +14,8 @@ Parts (``--part``, default all):
 * ``mode`` (not in ``all``): one skill's posterior given the population
   hyperparameters, 8 chains x 5,000 draws: is the high-transit region some
   bundled fits' chains sit in a real second mode, and how much mass has it?
+  It also counts the chains' crossings between the modes and how often
+  4 x 1,000-draw windows of them would pass R-hat <= 1.01.
 * ``stan-subset`` (not in ``all``): bktbayes' side of the Stan comparison
   (``benchmarks/stan/bench_stan.py --full``): CPU time and ESS per CPU second
   on the same ~37k-response subset.
@@ -34,10 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from bktbayes.data import load_events
+from bktbayes.diagnostics import rhat_rank
 from bktbayes.models import BKTModel, ConvergenceWarning
 from bktbayes.params import BKTParams, ParamTable
 from bktbayes.simulate import simulate
 
+MODE_SKILL = "Volume Sphere"
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "assistments2009.parquet"
 
 
@@ -131,6 +135,14 @@ def part_bundled(seed: int) -> None:
     m = BKTModel()
     report("bundled ASSISTments fit (110 skills, 325,589 responses)", m, timed_fit(m, df, seed))
     print(f"  centred skills per group: {m.fit_info['centered']}")
+    # Which chains visited the second mode of "Volume Sphere" (see --part mode).
+    post = m.idata["posterior"]
+    if MODE_SKILL in post["skill"].values:
+        tr = post["p_transit"].sel(skill=MODE_SKILL).values
+        print(
+            f"  {MODE_SKILL}: share of draws with p_transit > 0.2 per chain "
+            f"{np.round((tr > 0.2).mean(axis=1), 3).tolist()}"
+        )
 
 
 def part_mode(skill: str, seed: int, fit_dir: str | None) -> None:
@@ -216,6 +228,40 @@ def part_mode(skill: str, seed: int, fit_dir: str | None) -> None:
         f"p_transit {tr.ravel()[~hi].mean():.3f}; above: p_init {init[hi].mean():.3f}, "
         f"p_guess {guess[hi].mean():.3f}, p_transit {tr.ravel()[hi].mean():.3f}"
     )
+    mode_windows(tr > 0.2, tr, seed)
+
+
+def mode_windows(in_small: np.ndarray, values: np.ndarray, seed: int, n: int = 1000) -> None:
+    """How often would a 4 x 1,000-draw fit pass R-hat <= 1.01 if its chains
+    moved between the modes as these long chains do?
+
+    ``in_small`` and ``values``: (n_chains, n_draws) from the long run. Each
+    of ``n`` windows takes four different chains and one 1,000-draw segment
+    of each (non-overlapping segments), as four chains of a fit would be.
+    """
+    step = np.diff(in_small.astype(np.int8), axis=1)
+    flips = np.abs(step).sum(axis=1)
+    visits = (step == 1).sum(axis=1) + in_small[:, 0]  # runs of draws in the small mode
+    n_vis = int(visits.sum())
+    dwell = in_small.sum() / max(n_vis, 1)
+    print(
+        f"  crossings between the modes per chain {flips.tolist()}: {n_vis} visits to the "
+        f"small mode in {in_small.size:,} draws (one per {in_small.size / max(n_vis, 1):,.0f}), "
+        f"{dwell:.0f} draws each on average"
+    )
+    n_chain, n_draw = values.shape
+    seg = values[:, : n_draw // 1000 * 1000].reshape(n_chain, -1, 1000)
+    rng = np.random.default_rng(seed)
+    rh = np.empty(n)
+    for i in range(n):
+        ch = rng.choice(n_chain, 4, replace=False)
+        sg = rng.integers(0, seg.shape[1], 4)
+        rh[i] = rhat_rank(seg[ch, sg][:, :, None])[0]
+    print(
+        f"  4 x 1,000-draw windows of these chains ({n} drawn): R-hat of p_transit <= 1.01 in "
+        f"{(rh <= 1.01).mean():.0%}, median {np.median(rh):.4f}, 90th percentile "
+        f"{np.quantile(rh, 0.9):.3f}"
+    )
 
 
 def part_stan_subset(seed: int) -> None:
@@ -289,7 +335,7 @@ def main() -> None:
         default="all",
     )
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--skill", default="Volume Sphere", help="mode: the skill to sample")
+    ap.add_argument("--skill", default=MODE_SKILL, help="mode: the skill to sample")
     ap.add_argument("--fit", default=None, help="mode: a saved fit whose hyperparameters to use")
     args = ap.parse_args()
     if args.part in ("fast", "all"):
