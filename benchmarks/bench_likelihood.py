@@ -103,6 +103,13 @@ def main() -> None:
         # Per-skill models share response prefixes; this row steps every
         # sequence (the lockstep kernel alone), for the ratio.
         ("base, no prefix sharing", {"_likelihood": "lockstep"}, None),
+        # Student effects through the per-sequence Op, PyTensor gathering to
+        # sequences and scattering back (before the student Op), for the ratio.
+        (
+            "student, graph gathers",
+            {"student_effects": "init", "_likelihood": "lockstep"},
+            None,
+        ),
         # Measured again last: the first model timed in a process has read
         # slower here, whatever it is.
         ("base (hierarchical), again", {}, 5.0),

@@ -43,6 +43,7 @@ __all__ = [
     "forward_logp_grad",
     "item_logp_grad",
     "prefix_total_logp_grad",
+    "student_total_logp_grad",
 ]
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -735,6 +736,116 @@ def skill_total_logp_grad(
         total += logp[q]
         for k in range(5):
             out_grad[k, s] += grad[k, q]
+    return total
+
+
+@nb.njit(**_JIT)
+def student_total_logp_grad(
+    correct,
+    block_seq,
+    block_ev,
+    step_ptr,
+    step_count,
+    seq_skill,
+    seq_user,
+    init_logit,
+    init_offset,
+    transit_logit,
+    transit_offset,
+    p_guess,
+    p_slip,
+    forget_share,
+    out_skill,
+    out_user,
+):
+    """Total log-likelihood with per-student offsets, and its gradient.
+
+    A sequence's ``P(L0) = sigmoid(init_logit[skill] + init_offset[user])``
+    and ``P(T) = sigmoid(transit_logit[skill] + transit_offset[user])``;
+    guess and slip are the skill's; with forgetting
+    ``P(F) = (1 - P(T)) forget_share[skill]``. The gathers to sequences, the
+    logistic maps and the sums of the gradients back to skills and students
+    run here in one pass, instead of as a dozen graph operations over every
+    sequence around :func:`forward_logp_grad`.
+
+    Parameters
+    ----------
+    correct, block_seq, block_ev, step_ptr, step_count
+        The lockstep layout.
+    seq_skill, seq_user : int64 arrays, shape (n_seqs,)
+    init_logit, transit_logit, p_guess, p_slip : float64 arrays, shape (n_skills,)
+    init_offset, transit_offset : float64 arrays, shape (n_users,)
+        Logit-scale offsets (zeros for a model without transit offsets).
+    forget_share : float64 array, shape (n_skills,), or None
+    out_skill : float64 array, shape (5, n_skills)
+        Written: d total / d (init_logit, transit_logit, p_guess, p_slip,
+        forget_share); row 4 zero without forgetting.
+    out_user : float64 array, shape (2, n_users)
+        Written: d total / d (init_offset, transit_offset).
+
+    Returns
+    -------
+    float
+        The total log-likelihood (nats).
+    """
+    n_seq = seq_skill.shape[0]
+    pi = np.empty(n_seq)
+    ptr = np.empty(n_seq)
+    pg = np.empty(n_seq)
+    ps = np.empty(n_seq)
+    pf = np.zeros(n_seq)
+    # sigmoid(a + b) = 1 / (1 + e^-a e^-b): one exp per skill and per student
+    # instead of one per sequence (the exps cost more than the rest of the
+    # gather); the direct form where the product is inf * 0.
+    ei_s = np.exp(-init_logit)
+    ei_u = np.exp(-init_offset)
+    et_s = np.exp(-transit_logit)
+    et_u = np.exp(-transit_offset)
+    for q in range(n_seq):
+        s = seq_skill[q]
+        u = seq_user[q]
+        v = ei_s[s] * ei_u[u]
+        if v != v:
+            v = np.exp(-(init_logit[s] + init_offset[u]))
+        pi[q] = 1.0 / (1.0 + v)
+        v = et_s[s] * et_u[u]
+        if v != v:
+            v = np.exp(-(transit_logit[s] + transit_offset[u]))
+        ptr[q] = 1.0 / (1.0 + v)
+        pg[q] = p_guess[s]
+        ps[q] = p_slip[s]
+        if forget_share is not None:
+            pf[q] = (1.0 - ptr[q]) * forget_share[s]
+    logp = np.empty(n_seq)
+    grad = np.zeros((5, n_seq))
+    if forget_share is None:
+        forward_logp_grad(
+            correct, block_seq, block_ev, step_ptr, step_count, pi, ptr, pg, ps, None, logp, grad
+        )
+    else:
+        forward_logp_grad(
+            correct, block_seq, block_ev, step_ptr, step_count, pi, ptr, pg, ps, pf, logp, grad
+        )
+    out_skill[:] = 0.0
+    out_user[:] = 0.0
+    total = 0.0
+    for q in range(n_seq):
+        s = seq_skill[q]
+        u = seq_user[q]
+        total += logp[q]
+        d_init = grad[0, q] * pi[q] * (1.0 - pi[q])
+        d_tr = grad[1, q]
+        if forget_share is not None:
+            # P(F) depends on P(T) too.
+            d_tr -= grad[4, q] * forget_share[s]
+            out_skill[4, s] += grad[4, q] * (1.0 - ptr[q])
+        d_tr *= ptr[q] * (1.0 - ptr[q])
+        out_skill[0, s] += d_init
+        out_skill[1, s] += d_tr
+        out_skill[2, s] += grad[2, q]
+        out_skill[3, s] += grad[3, q]
+        out_user[0, u] += d_init
+        out_user[1, u] += d_tr
     return total
 
 

@@ -404,6 +404,7 @@ class BKTModel:
             bkt_loglik,
             bkt_prefix_loglik,
             bkt_skill_loglik,
+            bkt_student_loglik,
             layout_inputs,
             prefix_inputs,
             scan_loglik,
@@ -479,15 +480,16 @@ class BKTModel:
                     "sigma_student_init", self.prior("sigma_student_init")["sigma"]
                 )
                 z_init = pm.Normal("student_init_z", 0.0, 1.0, dims="user")
-                pm.Deterministic("student_init", s_init * z_init, dims="user")
-                init_seq_logit = init_seq_logit + (s_init * z_init)[seq_user]
+                init_off = pm.Deterministic("student_init", s_init * z_init, dims="user")
+                init_seq_logit = init_seq_logit + init_off[seq_user]
+                tr_off = pt.zeros(len(pe.users))
                 if cfg.student_effects == "init+transit":
                     s_tr = pm.HalfNormal(
                         "sigma_student_transit", self.prior("sigma_student_transit")["sigma"]
                     )
                     z_tr = pm.Normal("student_transit_z", 0.0, 1.0, dims="user")
-                    pm.Deterministic("student_transit", s_tr * z_tr, dims="user")
-                    tr_seq_logit = tr_seq_logit + (s_tr * z_tr)[seq_user]
+                    tr_off = pm.Deterministic("student_transit", s_tr * z_tr, dims="user")
+                    tr_seq_logit = tr_seq_logit + tr_off[seq_user]
                 pi_seq = pm.math.sigmoid(init_seq_logit)
                 pt_seq = pm.math.sigmoid(tr_seq_logit)
                 f_seq = (
@@ -539,13 +541,31 @@ class BKTModel:
                 data = layout_inputs(pk)
                 ev_item = pytensor.shared(self._items["ev_item"], name="bkt_ev_item")
                 total = bkt_item_loglik(data, ev_item, pi_seq, pt_seq, g_i, s_i, f_seq)
-            elif cfg.student_effects:
+            elif cfg.student_effects and self._likelihood == "lockstep":
                 # Parameters differ per sequence: the per-sequence Op, with
-                # PyTensor gathering and scattering.
+                # PyTensor gathering and scattering (the reference for the
+                # student Op; kept for tests and the benchmark).
                 data = layout_inputs(pk)
                 total = bkt_loglik(
                     data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
                 ).sum()
+            elif cfg.student_effects:
+                # Parameters differ per sequence: the student Op gathers to
+                # sequences and scatters the gradient to skills and students
+                # inside its kernel.
+                data = layout_inputs(pk)
+                total = bkt_student_loglik(
+                    data,
+                    pytensor.shared(seq_skill.astype(np.int64), name="bkt_seq_skill"),
+                    pytensor.shared(pk.seq_user.astype(np.int64), name="bkt_seq_user"),
+                    logits["init"],
+                    init_off,
+                    logits["transit"],
+                    tr_off,
+                    g_s,
+                    s_s,
+                    pm.math.sigmoid(logits["forget"]) if cfg.forgetting else None,
+                )
             elif self._likelihood == "lockstep":
                 # Parameters per skill, every sequence stepped (the reference
                 # for the prefix layout; kept for the benchmark).

@@ -33,6 +33,7 @@ from .likelihood import (
     item_logp_grad,
     prefix_total_logp_grad,
     skill_total_logp_grad,
+    student_total_logp_grad,
 )
 from .packing import Packed, PrefixLayout
 
@@ -41,10 +42,12 @@ __all__ = [
     "BKTLogLik",
     "BKTPrefixLogLik",
     "BKTSkillLogLik",
+    "BKTStudentLogLik",
     "bkt_item_loglik",
     "bkt_loglik",
     "bkt_prefix_loglik",
     "bkt_skill_loglik",
+    "bkt_student_loglik",
     "layout_inputs",
     "prefix_inputs",
     "scan_loglik",
@@ -442,6 +445,145 @@ def bkt_prefix_loglik(data: list, p_init, p_transit, p_guess, p_slip, p_forget=N
     op = BKTPrefixLogLik(forgetting=p_forget is not None)
     params = [p_init, p_transit, p_guess, p_slip] + ([p_forget] if p_forget is not None else [])
     return op(*data, *params)[0]
+
+
+class BKTStudentLogLik(Op):
+    """Total BKT log-likelihood with per-student offsets (Yudelson et al. 2013).
+
+    Inputs: the five lockstep data inputs, ``seq_skill`` and ``seq_user``
+    (int64 per sequence), then ``init_logit`` (per skill), ``init_offset``
+    (per student), ``transit_logit`` (per skill), ``transit_offset`` (per
+    student; zeros without transit offsets), ``p_guess``, ``p_slip`` (per
+    skill) and, with ``forgetting``, ``forget_share`` (per skill; P(F) is
+    ``(1 - P(T)) forget_share``). Outputs: the total (0-d), its gradient with
+    respect to the per-skill inputs (5, n_skills) and to the per-student ones
+    (2, n_users), from :func:`bktbayes.likelihood.student_total_logp_grad`.
+
+    The gathers, logistic maps and scatters run inside the kernel: as graph
+    operations over every sequence they cost about as much as the forward
+    pass itself (bundled data: 2.4 ms per gradient against 1.6 for the kernel).
+    """
+
+    __props__ = ("forgetting",)
+    n_data = _N_DATA + 2
+    _SKILL_ROW = (0, None, 1, None, 2, 3, 4)  # gradient row of each parameter input
+    _USER_ROW = (None, 0, None, 1, None, None, None)
+
+    def __init__(self, forgetting: bool = False) -> None:
+        self.forgetting = bool(forgetting)
+
+    def make_node(self, *inputs):
+        n_par = 7 if self.forgetting else 6
+        if len(inputs) != self.n_data + n_par:
+            raise TypeError(
+                f"BKTStudentLogLik expects {self.n_data + n_par} inputs, got {len(inputs)}"
+            )
+        data = [pt.as_tensor_variable(x) for x in inputs[: self.n_data]]
+        params = [pt.as_tensor_variable(x).astype("float64") for x in inputs[self.n_data :]]
+        for x in (*data, *params):
+            if x.ndim != 1:
+                raise TypeError(f"BKTStudentLogLik inputs must be vectors, got {x.type}")
+        outputs = [pt.dscalar("logp"), pt.dmatrix("grad_skill"), pt.dmatrix("grad_user")]
+        return Apply(self, [*data, *params], outputs)
+
+    def connection_pattern(self, node):
+        n_par = len(node.inputs) - self.n_data
+        return [[False] * 3] * self.n_data + [[True] * 3] * n_par
+
+    def pullback(self, inputs, outputs, cotangents):
+        g_value, g_skill, g_user = cotangents
+        data = [disconnected_type() for _ in range(self.n_data)]
+        if not all(isinstance(g.type, DisconnectedType) for g in (g_skill, g_user)):
+            return data + [
+                grad_not_implemented(self, i, x) for i, x in enumerate(inputs) if i >= self.n_data
+            ]
+        if isinstance(g_value.type, DisconnectedType):
+            return [disconnected_type() for _ in inputs]
+        out = list(data)
+        for k in range(len(inputs) - self.n_data):
+            if self._SKILL_ROW[k] is not None:
+                out.append(g_value * outputs[1][self._SKILL_ROW[k]])
+            else:
+                out.append(g_value * outputs[2][self._USER_ROW[k]])
+        return out
+
+    def perform(self, node, inputs, output_storage):
+        data = [np.ascontiguousarray(x) for x in inputs[: self.n_data]]
+        p = [np.ascontiguousarray(x, dtype=np.float64) for x in inputs[self.n_data :]]
+        g_skill = np.zeros((5, p[0].shape[0]))
+        g_user = np.zeros((2, p[1].shape[0]))
+        pf = p[6] if self.forgetting else None
+        total = student_total_logp_grad(*data, *p[:6], pf, g_skill, g_user)
+        output_storage[0][0] = np.asarray(total)
+        output_storage[1][0] = g_skill
+        output_storage[2][0] = g_user
+
+    def infer_shape(self, node, shapes):
+        return [(), (5, shapes[self.n_data][0]), (2, shapes[self.n_data + 1][0])]
+
+
+@numba_basic.numba_njit
+def _student_kernel_call(correct, bseq, bev, sptr, scount, sk, su, li, lo, ti, to, pg, ps, pf):
+    c = np.ascontiguousarray
+    g_skill = np.zeros((5, li.shape[0]))
+    g_user = np.zeros((2, lo.shape[0]))
+    total = student_total_logp_grad(
+        c(correct),
+        c(bseq),
+        c(bev),
+        c(sptr),
+        c(scount),
+        c(sk),
+        c(su),
+        c(li),
+        c(lo),
+        c(ti),
+        c(to),
+        c(pg),
+        c(ps),
+        None if pf is None else c(pf),
+        g_skill,
+        g_user,
+    )
+    return np.asarray(total), g_skill, g_user
+
+
+@register_funcify_default_op_cache_key(BKTStudentLogLik)
+def _numba_funcify_bkt_student_loglik(op, node=None, **kwargs):
+    if op.forgetting:
+
+        @numba_basic.numba_njit
+        def bkt_student_loglik_forget(a, b, c, d, e, sk, su, li, lo, ti, to, pg, ps, pf):
+            return _student_kernel_call(a, b, c, d, e, sk, su, li, lo, ti, to, pg, ps, pf)
+
+        return bkt_student_loglik_forget, _CACHE_VERSION
+
+    @numba_basic.numba_njit
+    def bkt_student_loglik(a, b, c, d, e, sk, su, li, lo, ti, to, pg, ps):
+        return _student_kernel_call(a, b, c, d, e, sk, su, li, lo, ti, to, pg, ps, None)
+
+    return bkt_student_loglik, _CACHE_VERSION
+
+
+def bkt_student_loglik(
+    data: list,
+    seq_skill,
+    seq_user,
+    init_logit,
+    init_offset,
+    transit_logit,
+    transit_offset,
+    p_guess,
+    p_slip,
+    forget_share=None,
+):
+    """Total log-likelihood (a PyTensor scalar) with per-student offsets on
+    the logits of P(L0) and P(T); see :class:`BKTStudentLogLik`."""
+    op = BKTStudentLogLik(forgetting=forget_share is not None)
+    params = [init_logit, init_offset, transit_logit, transit_offset, p_guess, p_slip]
+    if forget_share is not None:
+        params.append(forget_share)
+    return op(*data, seq_skill, seq_user, *params)[0]
 
 
 class BKTItemLogLik(_KernelOp):

@@ -298,11 +298,22 @@ def test_student_effects_export_offsets(sim):
     assert table.params_for(s, user="new student") == table[s]
 
 
-@pytest.mark.parametrize("kw", [{}, {"forgetting": True}, {"pooling": "none"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"forgetting": True},
+        {"pooling": "none"},
+        {"student_effects": "init"},
+        {"student_effects": "init+transit", "forgetting": True},
+    ],
+)
 def test_prefix_likelihood_equals_lockstep_and_scan_twin(sim, kw):
     # Per-skill models share response prefixes (the default likelihood); the
     # same model stepping every sequence, and its plain-scan twin, are the
-    # references.
+    # references. With student effects the default is the student Op (gathers
+    # and scatters inside its kernel); "lockstep" is then the per-sequence Op
+    # with PyTensor gathering and scattering.
     _, df = sim
     sub = df[df["user_id"] < 80]
     ms = {}

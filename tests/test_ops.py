@@ -232,3 +232,78 @@ def test_cache_salt_follows_the_kernel_source(tmp_path, monkeypatch):
     edited.write_text(open(lik.__file__).read() + "\n# edited\n")
     monkeypatch.setattr(ops.likelihood_module, "__file__", str(edited))
     assert ops._source_salt() != before
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_student_op_matches_per_sequence_op_and_never_calls_perform(
+    packed, forgetting, monkeypatch
+):
+    # The student Op gathers skill logits plus student offsets to sequences
+    # and scatters the gradient back inside its kernel; the reference is the
+    # per-sequence Op with PyTensor doing the gathers and scatters.
+    from bktbayes.ops import BKTStudentLogLik, bkt_student_loglik
+
+    pk, _ = packed
+    n_skill = int(pk.seq_skill.max()) + 1
+    n_user = int(pk.seq_user.max()) + 1
+    xs = pt.dmatrix("xs")  # (5, n_skills) logits
+    xu = pt.dmatrix("xu")  # (2, n_users) offsets
+    data = layout_inputs(pk)
+    sk = pytensor.shared(pk.seq_skill.astype(np.int64))
+    us = pytensor.shared(pk.seq_user.astype(np.int64))
+    g_, s_ = pt.sigmoid(xs[2]) * 0.5, pt.sigmoid(xs[3]) * 0.5
+    share = pt.sigmoid(xs[4]) if forgetting else None
+    total = bkt_student_loglik(data, sk, us, xs[0], xu[0], xs[1], xu[1], g_, s_, share)
+    seq, usr = pk.seq_skill, pk.seq_user
+    pi = pt.sigmoid(xs[0][seq] + xu[0][usr])
+    tr = pt.sigmoid(xs[1][seq] + xu[1][usr])
+    ref = bkt_loglik(
+        data, pi, tr, g_[seq], s_[seq], None if share is None else (1 - tr) * share[seq]
+    ).sum()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("BKTStudentLogLik.perform called: the numba registration was bypassed")
+
+    monkeypatch.setattr(BKTStudentLogLik, "perform", boom)
+    fa = pytensor.function([xs, xu], [total, *pytensor.grad(total, [xs, xu])], mode="NUMBA")
+    fb = pytensor.function([xs, xu], [ref, *pytensor.grad(ref, [xs, xu])], mode="NUMBA")
+    rng = np.random.default_rng(6)
+    xsv = rng.normal(-1, 0.6, (5, n_skill))
+    xuv = rng.normal(0, 0.8, (2, n_user))
+    va, gsa, gua = fa(xsv, xuv)
+    vb, gsb, gub = fb(xsv, xuv)
+    assert va == pytest.approx(vb, rel=1e-13)
+    # Same sums in another order: rounding only.
+    np.testing.assert_allclose(gsa, gsb, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gua, gub, rtol=1e-10, atol=1e-10)
+    if not forgetting:
+        assert not np.any(gsa[4])  # no forgetting parameter, no gradient
+
+
+def test_student_op_verify_grad(packed):
+    from bktbayes.ops import bkt_student_loglik
+
+    pk, _ = packed
+    data = layout_inputs(pk)
+    sk = pytensor.shared(pk.seq_skill.astype(np.int64))
+    us = pytensor.shared(pk.seq_user.astype(np.int64))
+    rng = np.random.default_rng(7)
+    n_skill = int(pk.seq_skill.max()) + 1
+    n_user = int(pk.seq_user.max()) + 1
+    verify_grad(
+        lambda xs, xu: bkt_student_loglik(
+            data,
+            sk,
+            us,
+            xs[0],
+            xu[0],
+            xs[1],
+            xu[1],
+            pt.sigmoid(xs[2]) * 0.5,
+            pt.sigmoid(xs[3]) * 0.5,
+            pt.sigmoid(xs[4]),
+        ),
+        [rng.normal(-1, 0.5, (5, n_skill)), rng.normal(0, 0.5, (2, n_user))],
+        rng=np.random.default_rng(8),
+        mode="NUMBA",
+    )
