@@ -60,7 +60,13 @@ import numpy as np
 import pandas as pd
 
 from .data import EventsError, PackedEvents, pack_events
-from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp, draws_logp_items, draws_prefix_logp
+from .likelihood import (
+    LIKELIHOOD_BLOCK_SIZE,
+    draws_logp,
+    draws_logp_items,
+    draws_prefix_logp,
+    draws_student_logp,
+)
 from .packing import pack_codes
 from .params import jsonable
 
@@ -891,6 +897,28 @@ class BKTModel:
         )
         return nat["p_guess"], nat["p_slip"]
 
+    def _student_loglik(self, post, data: tuple, out: np.ndarray) -> None:
+        """Pointwise log-likelihood of a student-effects model into ``out``
+        (n_draws, n_seqs): skill logits and student offsets per draw; the
+        kernel forms each sequence's parameters itself, as the gradient Op
+        does, instead of (n_draws, n_seqs) parameter arrays."""
+        pk = self._packed.packed
+        cfg = self.config
+        nat = self._skill_natural(post)
+        draws_student_logp(
+            *data,
+            pk.seq_skill.astype(np.int64),
+            pk.seq_user.astype(np.int64),
+            _draw_rows(post, "init_logit"),
+            _draw_rows(post, "student_init"),
+            _draw_rows(post, "transit_logit"),
+            _draw_rows(post, "student_transit") if cfg.student_effects == "init+transit" else None,
+            nat["p_guess"],
+            nat["p_slip"],
+            _sigmoid(_draw_rows(post, "forget_logit")) if cfg.forgetting else None,
+            out,
+        )
+
     def _complete(self, idata):
         """Add log_likelihood, observed_data and constant_data groups."""
         import xarray as xr
@@ -904,37 +932,40 @@ class BKTModel:
         )
         n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
         per_skill = not (self.config.item_effects or self.config.student_effects)
-        nat = self._skill_natural(post) if per_skill else self._seq_natural(post)
         ll = np.empty((n_chain * n_draw, pk.n_seqs))
         data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
-        pf = np.ascontiguousarray(nat["p_forget"]) if "p_forget" in nat else None
         c = np.ascontiguousarray
-        if self.config.item_effects:
-            ig, isl = self.item_natural(post)
-            draws_logp_items(
-                *data, self._items["ev_item"], c(nat["p_init"]), c(nat["p_transit"]),
-                c(ig), c(isl), pf, ll,
-            )  # fmt: skip
-        elif per_skill and self._prefix is not None:
-            # Shared prefixes stepped once per draw (as in the gradient).
-            lay = self._prefix
-            sp = lay.suffix
-            draws_prefix_logp(
-                lay.node_parent, lay.node_skill, lay.node_y,
-                sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
-                lay.suf_node, lay.suf_skill, lay.seq_node, lay.suf_seq,
-                *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
-                pf,
-                ll,
-            )  # fmt: skip
+        if self.config.student_effects and not self.config.item_effects:
+            self._student_loglik(post, data, ll)
         else:
-            draws_logp(
-                *data,
-                *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
-                pf,
-                ll,
-                pk.seq_skill.astype(np.int64) if per_skill else None,
-            )
+            nat = self._skill_natural(post) if per_skill else self._seq_natural(post)
+            pf = np.ascontiguousarray(nat["p_forget"]) if "p_forget" in nat else None
+            if self.config.item_effects:
+                ig, isl = self.item_natural(post)
+                draws_logp_items(
+                    *data, self._items["ev_item"], c(nat["p_init"]), c(nat["p_transit"]),
+                    c(ig), c(isl), pf, ll,
+                )  # fmt: skip
+            elif per_skill and self._prefix is not None:
+                # Shared prefixes stepped once per draw (as in the gradient).
+                lay = self._prefix
+                sp = lay.suffix
+                draws_prefix_logp(
+                    lay.node_parent, lay.node_skill, lay.node_y,
+                    sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
+                    lay.suf_node, lay.suf_skill, lay.seq_node, lay.suf_seq,
+                    *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+                    pf,
+                    ll,
+                )  # fmt: skip
+            else:
+                draws_logp(
+                    *data,
+                    *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+                    pf,
+                    ll,
+                    pk.seq_skill.astype(np.int64) if per_skill else None,
+                )
         seq_labels = [
             f"{pe.users[u]}|{pe.skills[s]}" for u, s in zip(pk.seq_user, pk.seq_skill, strict=True)
         ]
@@ -1124,6 +1155,12 @@ class BKTModel:
         m.diagnostics = meta.get("diagnostics")
         m._saved_skills = meta["skills"]
         return m
+
+
+def _draw_rows(post, name: str) -> np.ndarray:
+    """A posterior variable as C-contiguous (chain * draw, dim) rows."""
+    v = np.asarray(post[name].transpose("chain", "draw", ...).values)
+    return np.ascontiguousarray(v.reshape(v.shape[0] * v.shape[1], -1), dtype=np.float64)
 
 
 def _padded(pk, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -331,6 +331,37 @@ def test_prefix_likelihood_equals_lockstep_and_scan_twin(sim, kw):
         np.testing.assert_allclose(ms[lk].compile_dlogp()(pt_), gref, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "kw", [{"student_effects": "init"}, {"student_effects": "init+transit", "forgetting": True}]
+)
+def test_student_pointwise_loglik_equals_per_sequence_parameters(sim, kw):
+    # The log_likelihood group of a student-effects model comes from skill
+    # logits and student offsets per draw (draws_student_logp); the reference
+    # forms (n_draws, n_seqs) parameter arrays and runs the per-sequence kernel.
+    import pymc as pm
+
+    from bktbayes.likelihood import draws_logp
+
+    _, df = sim
+    sub = df[df["user_id"] < 60]
+    m = BKTModel(**kw)
+    model = m.build_model(sub)
+    with model, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the Potential's prior-predictive note
+        post = pm.sample_prior_predictive(draws=40, random_seed=2)["prior"].to_dataset()
+    pk = m._packed.packed
+    data = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
+    got = np.empty((40, pk.n_seqs))
+    m._student_loglik(post, data, got)
+    nat = {k: np.ascontiguousarray(v) for k, v in m._seq_natural(post).items()}
+    ref = np.empty_like(got)
+    names = ("p_init", "p_transit", "p_guess", "p_slip")
+    draws_logp(*data, *(nat[k] for k in names), nat.get("p_forget"), ref)
+    assert np.isfinite(ref).all()
+    # sigmoid(a + b) as 1 / (1 + e^-a e^-b) against the direct form: rounding only.
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
 # --- item-level guess and slip (KT-IDEM) ----------------------------------
 
 
