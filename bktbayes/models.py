@@ -831,11 +831,7 @@ class BKTModel:
         names = ["p_init", "p_transit", "p_guess", "p_slip"]
         if self.config.forgetting:
             names.append("p_forget")
-        out = {}
-        for name in names:
-            v = np.asarray(post[name].transpose("chain", "draw", ...).values)
-            out[name] = np.ascontiguousarray(v.reshape(v.shape[0] * v.shape[1], -1))
-        return out
+        return {name: _draw_rows(post, name) for name in names}
 
     def _seq_natural(self, post) -> dict[str, np.ndarray]:
         """Per-draw, per-sequence natural parameters, shape (n_draws, n_seqs)."""
@@ -843,10 +839,9 @@ class BKTModel:
         sk = pk.seq_skill
 
         def stack(name):
-            # (chain, draw, dim) -> C-contiguous (sample, dim): indexing its
-            # columns by sequence then yields C-contiguous (sample, n_seqs).
-            v = np.asarray(post[name].transpose("chain", "draw", ...).values)
-            return np.ascontiguousarray(v.reshape(v.shape[0] * v.shape[1], -1))
+            # C-contiguous (sample, dim): indexing its columns by sequence
+            # then yields C-contiguous (sample, n_seqs).
+            return _draw_rows(post, name)
 
         out = {}
         if self.config.student_effects:
@@ -881,8 +876,7 @@ class BKTModel:
         it = self._items
 
         def stack(name):
-            v = np.asarray(post[name].transpose("chain", "draw", ...).values)
-            return v.reshape(v.shape[0] * v.shape[1], -1)
+            return _draw_rows(post, name)
 
         n = stack("guess_logit").shape[0]
         out = []
