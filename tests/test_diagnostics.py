@@ -85,6 +85,18 @@ def test_check_diagnostics_warning_shows_the_chain_apart():
     means = out["worst_rhat_chain_means"]
     np.testing.assert_allclose(means, 0.05 + 0.01 * x[:, :, 1].mean(axis=1), rtol=1e-12)
     assert f"{means[2]:.4g}" in str(rec[0].message)
+    assert out["chain_apart"] == 2 and "chain 2 sits apart" in str(rec[0].message)
+
+
+def test_chain_apart_tells_a_sojourn_from_slow_mixing():
+    from bktbayes.models import chain_apart
+
+    # The bundled fit's figures: seed 3 (one chain in Volume Sphere's second
+    # mode) and seed 7 (four chains scattered on Prime Number's p_init).
+    assert chain_apart([0.041, 0.040, 0.36, 0.042]) == 2
+    assert chain_apart([-0.3759, -0.4446, -0.5242, -0.5597]) is None
+    assert chain_apart([0.1, 0.1]) is None  # two chains: no majority to sit apart from
+    assert chain_apart([1.0, 1.0, 1.0, 1.0]) is None
 
 
 def test_check_diagnostics_constants_are_skipped_and_nan_draws_fail():
