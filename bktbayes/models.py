@@ -838,33 +838,30 @@ class BKTModel:
         pk = self._packed.packed
         sk = pk.seq_skill
 
-        def stack(name):
-            # C-contiguous (sample, dim): indexing its columns by sequence
-            # then yields C-contiguous (sample, n_seqs).
-            return _draw_rows(post, name)
-
+        # C-contiguous (sample, dim) rows: indexing their columns by sequence
+        # then yields C-contiguous (sample, n_seqs).
         out = {}
         if self.config.student_effects:
-            init = np.take(stack("init_logit"), sk, axis=1) + np.take(
-                stack("student_init"), pk.seq_user, axis=1
+            init = np.take(_draw_rows(post, "init_logit"), sk, axis=1) + np.take(
+                _draw_rows(post, "student_init"), pk.seq_user, axis=1
             )
-            tr = np.take(stack("transit_logit"), sk, axis=1)
+            tr = np.take(_draw_rows(post, "transit_logit"), sk, axis=1)
             if self.config.student_effects == "init+transit":
-                tr = tr + np.take(stack("student_transit"), pk.seq_user, axis=1)
+                tr = tr + np.take(_draw_rows(post, "student_transit"), pk.seq_user, axis=1)
             out["p_init"] = _sigmoid(init)
             out["p_transit"] = _sigmoid(tr)
             if self.config.forgetting:
                 out["p_forget"] = (1 - out["p_transit"]) * _sigmoid(
-                    np.take(stack("forget_logit"), sk, axis=1)
+                    np.take(_draw_rows(post, "forget_logit"), sk, axis=1)
                 )
         else:
-            out["p_init"] = np.take(stack("p_init"), sk, axis=1)
-            out["p_transit"] = np.take(stack("p_transit"), sk, axis=1)
+            out["p_init"] = np.take(_draw_rows(post, "p_init"), sk, axis=1)
+            out["p_transit"] = np.take(_draw_rows(post, "p_transit"), sk, axis=1)
             if self.config.forgetting:
-                out["p_forget"] = np.take(stack("p_forget"), sk, axis=1)
+                out["p_forget"] = np.take(_draw_rows(post, "p_forget"), sk, axis=1)
         if not self.config.item_effects:  # item models: item_natural() instead
-            out["p_guess"] = np.take(stack("p_guess"), sk, axis=1)
-            out["p_slip"] = np.take(stack("p_slip"), sk, axis=1)
+            out["p_guess"] = np.take(_draw_rows(post, "p_guess"), sk, axis=1)
+            out["p_slip"] = np.take(_draw_rows(post, "p_slip"), sk, axis=1)
         return out
 
     def item_natural(self, post) -> tuple[np.ndarray, np.ndarray]:
@@ -875,16 +872,13 @@ class BKTModel:
         """
         it = self._items
 
-        def stack(name):
-            return _draw_rows(post, name)
-
-        n = stack("guess_logit").shape[0]
+        n = _draw_rows(post, "guess_logit").shape[0]
         out = []
         for g in ("guess", "slip"):
-            z = stack(f"item_{g}_z")
-            off = np.where(it["centered"], z, stack(f"sigma_item_{g}") * z)
+            z = _draw_rows(post, f"item_{g}_z")
+            off = np.where(it["centered"], z, _draw_rows(post, f"sigma_item_{g}") * z)
             off = np.concatenate([off, np.zeros((n, len(self._packed.skills)))], axis=1)
-            out.append(np.take(stack(f"{g}_logit"), it["item_skill"], axis=1) + off)
+            out.append(np.take(_draw_rows(post, f"{g}_logit"), it["item_skill"], axis=1) + off)
         nat = natural_params(
             {"init": out[0], "transit": out[0], "guess": out[0], "slip": out[1]},
             self.config.guess_slip,
