@@ -459,9 +459,10 @@ class BKTStudentLogLik(Op):
     respect to the per-skill inputs (5, n_skills) and to the per-student ones
     (2, n_users), from :func:`bktbayes.likelihood.student_total_logp_grad`.
 
-    The gathers, logistic maps and scatters run inside the kernel: as graph
-    operations over every sequence they cost about as much as the forward
-    pass itself (bundled data: 2.4 ms per gradient against 1.6 for the kernel).
+    The gathers, logistic maps and scatters run inside the kernel; as a dozen
+    graph operations over every sequence around :class:`BKTLogLik` they made
+    the model's log-density and gradient about 12% slower
+    (``benchmarks/bench_likelihood.py``: 4.30 against 3.82 ns per observation).
     """
 
     __props__ = ("forgetting",)
