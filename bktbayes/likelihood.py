@@ -690,22 +690,17 @@ def draws_student_logp(
         pt = np.empty(n_seqs)
         pg = np.empty(n_seqs)
         ps = np.empty(n_seqs)
-        _sig_sum(seq_skill, seq_user, init_logit[d], init_offset[d], pi)
-        if transit_offset is None:
-            _sig_sum(seq_skill, seq_user, transit_logit[d], None, pt)
-        else:
-            _sig_sum(seq_skill, seq_user, transit_logit[d], transit_offset[d], pt)
-        for q in range(n_seqs):
-            pg[q] = p_guess[d, seq_skill[q]]
-            ps[q] = p_slip[d, seq_skill[q]]
+        pf = np.empty(n_seqs)
+        _student_seq_params(
+            seq_skill, seq_user, init_logit[d], init_offset[d], transit_logit[d],
+            _row(transit_offset, d), p_guess[d], p_slip[d], _row(forget_share, d),
+            pi, pt, pg, ps, pf,
+        )  # fmt: skip
         if forget_share is None:
             forward_logp(
                 correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, None, row
             )
         else:
-            pf = np.empty(n_seqs)
-            for q in range(n_seqs):
-                pf[q] = (1.0 - pt[q]) * forget_share[d, seq_skill[q]]
             forward_logp(
                 correct, block_seq, block_ev, step_ptr, step_count, pi, pt, pg, ps, pf, row
             )
@@ -832,6 +827,45 @@ def _sig_sum(seq_skill, seq_user, skill_logit, user_offset, out):
 
 
 @nb.njit(**_JIT)
+def _row(x, d):
+    """Row ``d`` of a 2-d array, or None for None (numba prunes the branch
+    at compile time, so the caller needs no branch per combination)."""
+    if x is None:
+        return None
+    return x[d]
+
+
+@nb.njit(**_JIT)
+def _student_seq_params(
+    seq_skill,
+    seq_user,
+    init_logit,
+    init_offset,
+    transit_logit,
+    transit_offset,
+    p_guess,
+    p_slip,
+    forget_share,
+    pi,
+    pt,
+    pg,
+    ps,
+    pf,
+):
+    """Each sequence's P(L0), P(T), guess, slip and P(F) from skill
+    parameters and student offsets (one draw); ``transit_offset`` and
+    ``forget_share`` may be None (``pf`` is then left as it is)."""
+    _sig_sum(seq_skill, seq_user, init_logit, init_offset, pi)
+    _sig_sum(seq_skill, seq_user, transit_logit, transit_offset, pt)
+    for q in range(seq_skill.shape[0]):
+        s = seq_skill[q]
+        pg[q] = p_guess[s]
+        ps[q] = p_slip[s]
+        if forget_share is not None:
+            pf[q] = (1.0 - pt[q]) * forget_share[s]
+
+
+@nb.njit(**_JIT)
 def student_total_logp_grad(
     correct,
     block_seq,
@@ -886,14 +920,10 @@ def student_total_logp_grad(
     pg = np.empty(n_seq)
     ps = np.empty(n_seq)
     pf = np.zeros(n_seq)
-    _sig_sum(seq_skill, seq_user, init_logit, init_offset, pi)
-    _sig_sum(seq_skill, seq_user, transit_logit, transit_offset, ptr)
-    for q in range(n_seq):
-        s = seq_skill[q]
-        pg[q] = p_guess[s]
-        ps[q] = p_slip[s]
-        if forget_share is not None:
-            pf[q] = (1.0 - ptr[q]) * forget_share[s]
+    _student_seq_params(
+        seq_skill, seq_user, init_logit, init_offset, transit_logit, transit_offset,
+        p_guess, p_slip, forget_share, pi, ptr, pg, ps, pf,
+    )  # fmt: skip
     logp = np.empty(n_seq)
     grad = np.zeros((5, n_seq))
     if forget_share is None:
