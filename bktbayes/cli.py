@@ -561,6 +561,14 @@ def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float
             f"   diagnostics FAIL the 1.01 / 400 bar (worst: {d['worst_rhat'][0][0]}); the "
             "export below is forced and says so in its metadata"
         )
+    modes = model.skill_modes()
+    for skill, grp in modes.groupby("skill", sort=False):
+        minor = grp.iloc[1:]
+        print(
+            f"   {skill!r} has {len(grp)} modes given the population: the others hold "
+            f"{minor['share'].sum():.1%} of its posterior and {minor['fit_share'].sum():.1%} of "
+            f"the draws (valley {minor['valley'].max():.1f} nats; bktbayes.BKTModel.skill_modes)"
+        )
     model.save(outdir / "fit")
     try:
         table = model.export_params(n_draws=100)

@@ -443,7 +443,7 @@ def skill_newton(
     x0: np.ndarray,
     *,
     gs_mode: int = 0,
-    ridge: float = 1.0 / 9.0,
+    ridge: float | np.ndarray = 1.0 / 9.0,
     prior_mean: np.ndarray | None = None,
     max_iter: int = 30,
     tol: float = 1e-2,
@@ -467,10 +467,12 @@ def skill_newton(
         Starting logits.
     gs_mode : int
         Guess/slip parametrisation (see :func:`skill_logp_grad`).
-    ridge : float
+    ridge : float or float64 array, shape (n_par, 1)
         Precision of a Normal penalty on the logits around ``prior_mean``
         (keeps skills whose likelihood is flat, e.g. all answers correct, at
-        finite values).
+        finite values); per parameter group, with the population scales of
+        a hierarchical model, it makes the objective a skill's conditional
+        log posterior.
     prior_mean : float64 array, shape (n_par, 1) or like ``x0``, optional
     max_iter : int
     tol : float
@@ -503,7 +505,7 @@ def skill_newton(
         lp_ = np.zeros(n_skill)
         g_ = np.zeros((n_par, n_skill))
         skill_logp_grad(*cur_layout, cur_seq_skill, xx, gs_mode, lp_, g_)
-        obj = lp_ - 0.5 * ridge * ((xx - mu) ** 2).sum(axis=0)
+        obj = lp_ - 0.5 * (ridge * (xx - mu) ** 2).sum(axis=0)
         return lp_, obj, g_ - ridge * (xx - mu)
 
     lp, obj, g = evaluate(x)

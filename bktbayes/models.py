@@ -1083,8 +1083,8 @@ class BKTModel:
             if apart is not None and max_r > rhat_max:
                 hint = (
                     f"; chain {apart} sits apart from the others: a second mode, which more "
-                    "draws will not fix (README, 'A second mode'; student_effects='init' may "
-                    "remove it)"
+                    "draws will not fix (README, 'A second mode'; skill_modes() finds a "
+                    "skill's modes and their shares; student_effects='init' may remove it)"
                 )
             warnings.warn(
                 f"fit diagnostics fail: max R-hat {max_r:.3f} (worst {worst_r[:3]}; per-chain "
@@ -1094,6 +1094,135 @@ class BKTModel:
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        return out
+
+    def skill_modes(
+        self, *, n_samples: int = 4000, seed: int = 0, min_share: float = 1e-3
+    ) -> pd.DataFrame:
+        """Skills whose posterior, given the population parameters, has
+        more than one mode, and the share of each mode.
+
+        R-hat sees a second mode only when some chains visit it and others
+        do not; a fit whose chains all stay in the main mode passes while
+        missing the rest. This looks for the modes directly (see
+        :func:`bktbayes.diagnostics.skill_modes`): the population means and
+        scales are the posterior means of the fit (before a fit, the
+        starting values the sampler would use); with ``pooling="none"`` the
+        priors of the logits. Modes holding less than ``min_share`` of a
+        skill's posterior are left out (a local maximum tens of nats down
+        changes no estimate).
+
+        Returns
+        -------
+        DataFrame
+            One row per mode of each multimodal skill, main mode first:
+            ``skill``, ``mode``, ``share`` (of that skill's conditional
+            posterior), ``fit_share`` (of the fit's draws nearest that mode;
+            nan before a fit), ``log_density`` (nats, relative to the main mode),
+            ``valley`` (nats from that mode down to the lowest point of the
+            straight segment to the main mode: NUTS crosses a valley of a
+            nat or two freely, one of several nats rarely), ``ess`` (of
+            the importance samples behind the shares) and the natural
+            parameters at the mode. Empty if every skill has one.
+        """
+        from .diagnostics import skill_modes
+
+        cfg = self.config
+        if cfg.student_effects or cfg.item_effects:
+            raise ValueError(
+                "skill_modes needs skills that are independent given the population "
+                "parameters: not available with student_effects or item_effects"
+            )
+        if self._packed is None:
+            raise ValueError("no data: call build_model or fit first")
+        groups = cfg.groups
+        if cfg.pooling == "none":
+            mu = [self.prior(f"mu_{g}")["mu"] for g in groups]
+            sd = [self.prior(f"mu_{g}")["sigma"] for g in groups]
+            source = "priors"
+        elif self.idata is not None and "posterior" in self.idata:
+            post = self.idata["posterior"]
+            mu = [float(post[f"mu_{g}"].mean()) for g in groups]
+            sd = [float(post[f"sigma_{g}"].mean()) for g in groups]
+            source = "posterior means"
+        else:
+            pts = self._initial_points(self._fast_estimate_cached())
+            mu = [float(pts[f"mu_{g}"]) for g in groups]
+            sd = [float(pts[f"sigma_{g}"]) for g in groups]
+            source = "starting values"
+        pk = self._packed.packed
+        lens = pk.seq_len
+        offs = np.repeat(pk.seq_start - np.cumsum(lens) + lens, lens)
+        correct = self._packed.correct[pk.csr_row[offs + np.arange(int(lens.sum()))]]
+        x0 = np.array([self._fast_estimate_cached()["logits"][g] for g in groups])
+        res = skill_modes(
+            correct,
+            lens,
+            pk.seq_skill,
+            np.array(mu),
+            np.array(sd),
+            x0,
+            gs_mode=_gs_modes()[cfg.guess_slip],
+            n_samples=n_samples,
+            seed=seed,
+        )
+        post = None
+        if self.idata is not None and "posterior" in self.idata:
+            post = self.idata["posterior"]
+        rows = []
+        for s in np.flatnonzero(res["n_modes"] >= 2):
+            k = int(res["n_modes"][s])
+            fit_share = np.full(k, np.nan)
+            if post is not None:
+                # The fit's draws of this skill, each counted for the mode
+                # nearest in Mahalanobis distance (as the shares count).
+                x = np.stack(
+                    [post[f"{g}_logit"].isel(skill=s).values.ravel() for g in groups], axis=1
+                )
+                d = [
+                    np.einsum(
+                        "ni,ij,nj->n",
+                        x - res["logits"][s, j],
+                        np.linalg.inv(res["cov"][s, j]),
+                        x - res["logits"][s, j],
+                    )
+                    for j in range(k)
+                ]
+                fit_share = np.bincount(np.argmin(d, axis=0), minlength=k) / x.shape[0]
+            # A mode counts if the posterior or the fit puts weight on it.
+            keep = (res["share"][s, :k] >= min_share) | (fit_share >= min_share)
+            keep[0] = True
+            if keep.sum() < 2:
+                continue
+            for j in np.flatnonzero(keep):
+                lg = {g: res["logits"][s, j, i : i + 1] for i, g in enumerate(groups)}
+                nat = natural_params(lg, cfg.guess_slip)
+                rows.append(
+                    {
+                        "skill": self._packed.skills[s],
+                        "mode": int(j),
+                        "share": float(res["share"][s, j]),
+                        "fit_share": float(fit_share[j]),
+                        "log_density": float(res["log_density"][s, j] - res["log_density"][s, 0]),
+                        "valley": float(res["valley"][s, j]),
+                        "ess": float(res["ess"][s]),
+                        **{
+                            name: float(v[0])
+                            for name, v in nat.items()
+                            if name != "p_forget" or cfg.forgetting
+                        },
+                    }
+                )
+        cols = ["skill", "mode", "share", "fit_share", "log_density", "valley", "ess"]
+        cols += ["p_init", "p_transit", "p_slip", "p_guess"] + (
+            ["p_forget"] if cfg.forgetting else []
+        )
+        out = pd.DataFrame(rows, columns=cols)
+        out.attrs["population"] = {
+            "source": source,
+            "mu": dict(zip(groups, mu, strict=True)),
+            "sd": dict(zip(groups, sd, strict=True)),
+        }
         return out
 
     # ------------------------------------------------------------------

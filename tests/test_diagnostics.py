@@ -2,6 +2,7 @@
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -123,3 +124,167 @@ def test_check_diagnostics_constants_are_skipped_and_nan_draws_fail():
         out = BKTModel().check_diagnostics(fit(x), ess_min=100)
     assert not out["ok"] and out["max_rhat"] == np.inf and out["min_ess_bulk"] == 0.0
     assert out["worst_rhat"][0][0] == "p_slip[c]"
+
+
+# ---------------------------------------------------------------------------
+# skill_modes: the modes of each skill's posterior given the population.
+
+BUNDLED = __import__("pathlib").Path(__file__).resolve().parent.parent / "data"
+
+
+def _sequences(df, skills):
+    """Responses sequence after sequence, with lengths and skill codes, from
+    the events table alone (independent of the model's packing)."""
+    d = df.sort_values(["user_id", "skill", "order"], kind="stable")
+    code = pd.Categorical(d["skill"].astype(str), categories=skills).codes
+    key = d["user_id"].to_numpy() * len(skills) + code
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    lens = np.diff(np.r_[starts, len(d)])
+    return d["correct"].to_numpy().astype(np.uint8), lens, code[starts].astype(np.int64)
+
+
+def _logpost_many(y, lens, x, mu, sd):
+    """Log density of one skill's logits given the population, at many
+    points x (n_par, n): the kernel on the skill's sequences replicated."""
+    from bktbayes.diagnostics import _replicated_layout
+    from bktbayes.likelihood import skill_logp_grad
+    from bktbayes.models import _gs_modes
+
+    out = np.empty(x.shape[1])
+    chunk = 4000
+    lay, sk = _replicated_layout(y, lens, chunk)
+    for a in range(0, x.shape[1], chunk):
+        xa = np.zeros((x.shape[0], chunk))
+        xa[:, : min(chunk, x.shape[1] - a)] = x[:, a : a + chunk]
+        lp = np.zeros(chunk)
+        g = np.zeros_like(xa)
+        skill_logp_grad(*lay, sk, xa, _gs_modes()["ordered"], lp, g)
+        prior = -0.5 * (((xa - mu[:, None]) / sd[:, None]) ** 2).sum(axis=0)
+        out[a : a + chunk] = (lp + prior)[: min(chunk, x.shape[1] - a)]
+    return out
+
+
+@pytest.mark.slow
+def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
+    from bktbayes import BKTModel
+    from bktbayes.data import load_events
+    from bktbayes.diagnostics import skill_modes
+
+    df = load_events(BUNDLED / "assistments2009.parquet")
+    m = BKTModel()
+    model = m.build_model(df)
+    table = m.skill_modes()
+    vs = table[table["skill"] == "Volume Sphere"].reset_index(drop=True)
+    # The two stories of the README's "A second mode": rarely learnt versus
+    # learnt at the first attempt, a deep valley apart.
+    assert len(vs) == 2
+    assert vs.loc[0, "p_transit"] < 0.1 < 0.5 < vs.loc[1, "p_transit"]
+    assert vs.loc[1, "log_density"] < 0 and vs.loc[1, "valley"] > 3.0
+    assert 0 < vs.loc[1, "share"] < 0.5
+
+    # The share against an independent integral: a Riemann sum over a grid
+    # in each mode's Laplace-whitened coordinates (spacing 1 sd, +-8 sd), each
+    # point counted for the mode nearest in Mahalanobis distance, as the
+    # importance sampler counts its samples.
+    pop = table.attrs["population"]
+    groups = ["init", "transit", "guess", "slip"]
+    mu = np.array([pop["mu"][g] for g in groups])
+    sd = np.array([pop["sd"][g] for g in groups])
+    skills = list(model.coords["skill"])
+    y_all, lens_all, seq_skill = _sequences(df, skills)
+    x0 = np.array([m.fast_estimate()["logits"][g] for g in groups])
+    res = skill_modes(y_all, lens_all, seq_skill, mu, sd, x0, gs_mode=0, n_samples=20000, seed=3)
+    s = skills.index("Volume Sphere")
+    assert res["n_modes"][s] == 2
+    starts = np.r_[0, np.cumsum(lens_all)[:-1]]
+    mine = np.flatnonzero(seq_skill == s)
+    y = np.concatenate([y_all[starts[i] : starts[i] + lens_all[i]] for i in mine])
+    lens = lens_all[mine]
+    modes, covs = res["logits"][s, :2], res["cov"][s, :2]
+    prec = [np.linalg.inv(c) for c in covs]
+    g1 = np.arange(-8.0, 9.0)
+    u = np.stack(np.meshgrid(g1, g1, g1, g1, indexing="ij")).reshape(4, -1)
+    mass = np.zeros(2)
+    ref = None
+    for j in range(2):
+        chol = np.linalg.cholesky(covs[j])
+        x = modes[j][:, None] + chol @ u
+        lp = _logpost_many(y, lens, x, mu, sd)
+        ref = lp.max() if ref is None else ref
+        d = np.stack(
+            [
+                np.einsum("in,ij,jn->n", x - modes[k][:, None], prec[k], x - modes[k][:, None])
+                for k in range(2)
+            ]
+        )
+        own = np.argmin(d, axis=0) == j
+        mass[j] = np.exp(lp[own] - ref).sum() * np.linalg.det(chol)
+    share_grid = mass[1] / mass.sum()
+    # Importance-sampling error of a share p from an effective sample size n:
+    # sd sqrt(p (1 - p) / n); 4 sds (plus 10% of the share for the grid's
+    # truncation and spacing) keeps a false alarm below 1e-4.
+    p = res["share"][s, 1]
+    tol = 4 * np.sqrt(p * (1 - p) / res["ess"][s]) + 0.1 * share_grid
+    assert abs(p - share_grid) < tol, (p, share_grid, tol)
+    assert 0.005 < share_grid < 0.1
+
+
+def test_skill_modes_sees_one_mode_in_a_well_identified_skill():
+    from bktbayes.diagnostics import skill_modes
+    from bktbayes.params import BKTParams, ParamTable
+    from bktbayes.simulate import simulate
+
+    truth = ParamTable({"a": BKTParams(0.3, 0.15, 0.2, 0.1), "b": BKTParams(0.5, 0.05, 0.25, 0.15)})
+    df = simulate(truth, 1500, seed=4)
+    y, lens, sk = _sequences(df, ["a", "b"])
+    x0 = np.zeros((4, 2))
+    res = skill_modes(
+        y, lens, sk, np.array([-0.8, -2.0, -1.2, 2.0]), np.ones(4), x0, gs_mode=0, seed=0
+    )
+    assert list(res["n_modes"]) == [1, 1]
+    assert np.all(res["share"][:, 0] == 1.0) and np.all(np.isnan(res["share"][:, 1:]))
+    # The mode is the truth within a few standard errors: 1,500 students.
+    from bktbayes.models import natural_params
+
+    nat = natural_params(
+        {g: res["logits"][:, 0, i] for i, g in enumerate(["init", "transit", "guess", "slip"])},
+        "ordered",
+    )
+    se = np.sqrt(np.array([np.diag(c) for c in res["cov"][:, 0]]))  # logit scale
+    assert np.all(se < 0.5)
+    for k, name in enumerate(["a", "b"]):
+        for f in ("p_init", "p_transit", "p_guess", "p_slip"):
+            assert abs(nat[f][k] - getattr(truth[name], f)) < 0.1, (name, f)
+
+
+def test_skill_modes_rejects_bad_input():
+    from bktbayes.diagnostics import skill_modes
+
+    with pytest.raises(ValueError, match="sum\\(seq_len\\)"):
+        skill_modes(
+            np.ones(5, np.uint8),
+            np.array([2, 2]),
+            np.array([0, 0]),
+            np.zeros(4),
+            np.ones(4),
+            np.zeros((4, 1)),
+            gs_mode=0,
+        )
+    with pytest.raises(ValueError, match="prior_sd"):
+        skill_modes(
+            np.ones(4, np.uint8),
+            np.array([2, 2]),
+            np.array([0, 0]),
+            np.zeros(4),
+            np.r_[1, 1, 0, 1],
+            np.zeros((4, 1)),
+            gs_mode=0,
+        )
+
+
+def test_skill_modes_refuses_models_whose_skills_are_not_independent():
+    from bktbayes import BKTModel
+
+    m = BKTModel(student_effects="init")
+    with pytest.raises(ValueError, match="student_effects"):
+        m.skill_modes()

@@ -246,6 +246,19 @@ def test_export_refuses_failing_diagnostics_unless_forced(fitted):
 
 
 @pytest.mark.slow
+def test_skill_modes_after_a_fit_uses_the_posterior_population(fitted):
+    model, idata = fitted
+    table = model.skill_modes()
+    pop = table.attrs["population"]
+    assert pop["source"] == "posterior means"
+    assert pop["mu"]["transit"] == pytest.approx(float(idata["posterior"]["mu_transit"].mean()))
+    assert list(table.columns[:4]) == ["skill", "mode", "share", "fit_share"]
+    # Simulated skills of 250 students: any second mode found must come with
+    # the fit's own share of draws near it, between 0 and 1.
+    assert table["fit_share"].between(0, 1).all()
+
+
+@pytest.mark.slow
 def test_save_and_load(fitted, tmp_path):
     model, idata = fitted
     path = model.save(tmp_path / "fit")
