@@ -74,9 +74,17 @@ def report(label: str, m: BKTModel, wall: float) -> None:
     print(
         f"{label}: wall {wall:.1f} s = compile {fi['compile_seconds']:.1f} s + sampling "
         f"{fi['sampling_seconds']:.1f} s + build {fi['build_seconds']:.1f} s + init "
-        f"{fi['init_seconds']:.1f} s + pointwise log-likelihood {fi['loglik_seconds']:.1f} s "
+        f"{fi['init_seconds']:.1f} s + collapsed-skill draws "
+        f"{fi.get('collapsed_draw_seconds', 0.0):.1f} s + "
+        f"pointwise log-likelihood {fi['loglik_seconds']:.1f} s "
         f"+ diagnostics {fi['diagnostics_seconds']:.1f} s"
     )
+    for skill, j in fi.get("collapsed", {}).items():
+        print(
+            f"  collapsed {skill!r} ({j.get('modes')} modes, valley {j['valley']:.1f} nats): "
+            f"share of draws per mode {np.round(j.get('share_of_draws', []), 4).tolist()}; "
+            f"Metropolis acceptance {j.get('accept', float('nan')):.2f}"
+        )
     print(
         f"  max R-hat {d['max_rhat']:.4f}; min bulk ESS {d['min_ess_bulk']:.0f}; "
         f"min tail ESS {d['min_ess_tail']:.0f}; divergences {d['divergences']}; "

@@ -100,6 +100,18 @@ CENTERED_MIN_OBS = 1500
 #: (On the bundled data "Volume Sphere", 1,706 responses but P(L0) 0.92 and
 #: 2.8 expected learning events, mixed badly centred: R-hat 1.12 in one run.)
 CENTERED_MIN_LEARNING = 10.0
+# Skills whose posterior, given the population, has a second mode at least
+# this many nats above the lowest point of the straight segment to the main
+# mode are collapsed (BKTModel's ``collapse_multimodal``). On the bundled
+# data NUTS crossed valleys of 0.04-0.44 nats freely (the fit's share of
+# draws near each mode matched the importance-sampling share within 2
+# points) and Volume Sphere's 4.2 not at all or for hundreds of draws
+# (README, "A second mode").
+MODE_JUMP_MIN_VALLEY = 2.0
+# ... and whose density there is within this many nats of the main mode's
+# (further down, a mode holds a negligible share: "Counting Methods" on the
+# bundled data has one 38 nats down, with no importance weight).
+MODE_MAX_DROP = 12.0
 #: ... and for item offsets, centred for items with at least this many responses.
 CENTERED_MIN_ITEM_OBS = 200
 #: ... and with item effects, a skill's guess and slip are centred only if it
@@ -175,6 +187,7 @@ class ModelConfig:
     guess_slip: Literal["ordered", "ordered_guess_first", "bounded"] = "ordered"
     priors: dict[str, dict[str, float]] = field(default_factory=dict)
     item_min_obs: int = 10
+    collapse_multimodal: bool = True
 
     def __post_init__(self) -> None:
         if self.pooling not in ("hierarchical", "none"):
@@ -257,6 +270,18 @@ class BKTModel:
         With ``item_effects``, items with fewer responses share their skill's
         guess and slip (default 10: below that an offset is mostly its prior,
         and every item adds two parameters to sample and store).
+    collapse_multimodal : bool
+        Per-skill hierarchical models: a skill whose posterior, given the
+        population, has modes a deep valley apart (at least
+        ``MODE_JUMP_MIN_VALLEY`` nats; :func:`bktbayes.modes.skill_modes` at
+        the sampler's starting population) is not sampled by NUTS, which
+        crosses such valleys rarely. Its logits are integrated out of the
+        likelihood by importance sampling with fixed nodes
+        (:func:`bktbayes.modes.collapse_nodes`), and after sampling each draw
+        gets the skill's logits drawn from their conditional posterior given
+        that draw's population (nodes resampled, then independence
+        Metropolis steps, :func:`bktbayes.modes.mode_jumps`). The skills and
+        what they hold are in ``fit_info["collapsed"]``.
 
     Examples
     --------
@@ -275,6 +300,7 @@ class BKTModel:
         guess_slip: Literal["ordered", "ordered_guess_first", "bounded"] = "ordered",
         priors: Mapping[str, Mapping[str, float]] | None = None,
         item_min_obs: int = 10,
+        collapse_multimodal: bool = True,
     ) -> None:
         self.config = ModelConfig(
             pooling=pooling,
@@ -285,12 +311,15 @@ class BKTModel:
             guess_slip=guess_slip,
             priors={k: dict(v) for k, v in (priors or {}).items()},
             item_min_obs=item_min_obs,
+            collapse_multimodal=collapse_multimodal,
         )
         self.idata = None
         self._items: dict[str, np.ndarray] | None = None
         self.model = None
         self._packed: PackedEvents | None = None
         self._prefix = None  # the prefix layout of per-skill models (build_model)
+        self._collapse: dict[str, Any] | None = None  # collapsed skills (build_model)
+        self._prefix_keep: np.ndarray | None = None
         self._fast = None  # the fast estimate of the packed data (build_model)
         self.diagnostics: dict[str, Any] | None = None
         self.fit_info: dict[str, Any] = {}
@@ -319,6 +348,15 @@ class BKTModel:
         return base
 
     def _centered_mask(self, group: str, n_seq: np.ndarray, n_obs: np.ndarray) -> np.ndarray:
+        mask = self._centered_mask_rule(group, n_seq, n_obs)
+        if self._collapse is not None and group != "item":
+            # A collapsed skill's logits carry their prior only (the data
+            # enter through the marginal): non-centred, they are independent
+            # of the population scale and NUTS sees no funnel.
+            mask = mask & ~self._collapse["mask"]
+        return mask
+
+    def _centered_mask_rule(self, group: str, n_seq: np.ndarray, n_obs: np.ndarray) -> np.ndarray:
         p = self.config.parametrization
         if p == "centered":
             return np.ones(n_seq.shape, dtype=bool)
@@ -421,7 +459,9 @@ class BKTModel:
         pe = pack_events(events, block_size=LIKELIHOOD_BLOCK_SIZE)
         self._packed = pe
         self._prefix = None
+        self._prefix_keep = None  # sequences in the prefix layout, if not all
         self._fast = None
+        self._collapse = None
         pk = pe.packed
         cfg = self.config
         n_skill = len(pe.skills)
@@ -440,9 +480,21 @@ class BKTModel:
             ]
         seq_skill = pk.seq_skill
         self.fit_info["centered"] = {}
+        if (
+            cfg.collapse_multimodal
+            and cfg.pooling == "hierarchical"
+            and not (cfg.student_effects or cfg.item_effects)
+            and self._likelihood == "kernel"
+        ):
+            self._collapse = self._collapse_plan()
+            self.fit_info["collapsed"] = {
+                str(pe.skills[s]): {"valley": v}
+                for s, v in zip(self._collapse["skills"], self._collapse["valley"], strict=True)
+            }
 
         with pm.Model(coords=coords) as model:
             logits = {}
+            pop: dict[str, tuple] = {}
             for g in cfg.groups:
                 mu_p = self.prior(f"mu_{g}")
                 if cfg.pooling == "none":
@@ -450,6 +502,7 @@ class BKTModel:
                     continue
                 mu = pm.Normal(f"mu_{g}", mu_p["mu"], mu_p["sigma"])
                 sigma = pm.HalfNormal(f"sigma_{g}", self.prior(f"sigma_{g}")["sigma"])
+                pop[g] = (mu, sigma)
                 cmask = self._centered_mask(g, n_seq_skill, n_obs_skill)
                 self.fit_info["centered"][g] = int(cmask.sum())
                 c = pt.as_tensor_variable(cmask.astype("float64"))
@@ -582,15 +635,29 @@ class BKTModel:
                 # Parameters per skill: sequences of a skill that start alike
                 # share those steps (a prefix trie), the rest runs lockstep.
                 y_csr = pk.from_lockstep(pk.lock_correct)[pk.csr_row]
+                keep = np.ones(pk.n_seqs, dtype=bool)
+                if self._collapse is not None:
+                    keep = ~self._collapse["mask"][seq_skill]
                 layout = prefix_layout(
-                    seq_skill,
-                    pk.seq_start,
-                    pk.seq_len,
+                    seq_skill[keep],
+                    pk.seq_start[keep],
+                    pk.seq_len[keep],
                     y_csr,
                     block_size=LIKELIHOOD_BLOCK_SIZE,
                 )
                 total = bkt_prefix_loglik(prefix_inputs(layout), p_init_s, p_tr_s, g_s, s_s, f_s)
                 self._prefix = layout
+                if not keep.all():
+                    self._prefix_keep = np.flatnonzero(keep)
+                    # Collapsed skills: their likelihood with their logits
+                    # integrated out, a function of the population only.
+                    for nodes, c in zip(self._collapse["nodes"], self._collapse["c"], strict=True):
+                        lw = pt.as_tensor_variable(c)
+                        for i, g in enumerate(cfg.groups):
+                            mu_g, sigma_g = pop[g]
+                            z = (pt.as_tensor_variable(nodes[:, i]) - mu_g) / sigma_g
+                            lw = lw - 0.5 * z**2 - pt.log(sigma_g) - 0.5 * np.log(2 * np.pi)
+                        total = total + pt.logsumexp(lw) - np.log(nodes.shape[0])
             pm.Potential("loglik", total)
         self.model = model
         return model
@@ -804,6 +871,9 @@ class BKTModel:
         else:
             raise ValueError(f"sampler must be 'nutpie' or 'pymc', got {sampler!r}")
         t2 = time.perf_counter()
+        if self._collapse is not None and self._collapse["skills"].size:
+            idata = self._draw_collapsed(idata, random_seed)
+        t2b = time.perf_counter()
         self.fit_info.update(
             sampler=sampler,
             draws=draws,
@@ -820,10 +890,39 @@ class BKTModel:
         self.fit_info.update(
             build_seconds=ti - tb,
             init_seconds=t0 - ti,
-            loglik_seconds=t3 - t2,
+            collapsed_draw_seconds=t2b - t2,
+            loglik_seconds=t3 - t2b,
             diagnostics_seconds=time.perf_counter() - t3,
         )
         return idata
+
+    def _rest_loglik(self, nat, pf, keep: np.ndarray, ll: np.ndarray) -> None:
+        """Pointwise log-likelihood of the sequences not in ``keep``."""
+        from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp
+        from .packing import pack_codes
+
+        correct, lens, seq_skill = self._sequences()
+        rest = np.setdiff1d(np.arange(lens.size), keep)
+        starts = np.r_[0, np.cumsum(lens)[:-1]]
+        y = np.concatenate([correct[starts[i] : starts[i] + lens[i]] for i in rest])
+        sub = pack_codes(
+            np.repeat(rest, lens[rest]),
+            np.repeat(seq_skill[rest], lens[rest]),
+            np.arange(y.size),
+            y,
+            n_skill=len(self._packed.skills),
+            block_size=LIKELIHOOD_BLOCK_SIZE,
+        )
+        out = np.empty((ll.shape[0], sub.n_seqs))
+        c = np.ascontiguousarray
+        draws_logp(
+            sub.lock_correct, sub.block_seq, sub.block_ev, sub.step_ptr, sub.step_count,
+            *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
+            pf,
+            out,
+            sub.seq_skill.astype(np.int64),
+        )  # fmt: skip
+        ll[:, sub.seq_user] = out
 
     def _skill_natural(self, post) -> dict[str, np.ndarray]:
         """Per-draw, per-skill natural parameters, shape (n_draws, n_skills)
@@ -938,14 +1037,21 @@ class BKTModel:
                 # Shared prefixes stepped once per draw (as in the gradient).
                 lay = self._prefix
                 sp = lay.suffix
+                keep = self._prefix_keep
+                out = ll if keep is None else np.empty((ll.shape[0], keep.size))
                 draws_prefix_logp(
                     lay.node_parent, lay.node_skill, lay.node_y,
                     sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
                     lay.suf_node, lay.suf_skill, lay.seq_node, lay.suf_seq,
                     *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
                     pf,
-                    ll,
+                    out,
                 )  # fmt: skip
+                if keep is not None:
+                    # The collapsed skills' sequences, not in the prefix
+                    # layout: stepped on their own.
+                    ll[:, keep] = out
+                    self._rest_loglik(nat, pf, keep, ll)
             else:
                 draws_logp(
                     *data,
@@ -1096,6 +1202,136 @@ class BKTModel:
             )
         return out
 
+    def _sequences(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Responses sequence after sequence (uint8), sequence lengths and
+        skill codes, in the packing's sequence order."""
+        pk = self._packed.packed
+        lens = pk.seq_len
+        offs = np.repeat(pk.seq_start - np.cumsum(lens) + lens, lens)
+        correct = self._packed.correct[pk.csr_row[offs + np.arange(int(lens.sum()))]]
+        return np.ascontiguousarray(correct, dtype=np.uint8), lens, pk.seq_skill
+
+    def _collapse_plan(self) -> dict[str, Any]:
+        """Skills to integrate out (see ``collapse_multimodal``): modes and
+        importance-sampling nodes of each, at the sampler's starting
+        population."""
+        from .modes import collapse_nodes, skill_modes
+
+        cfg = self.config
+        groups = cfg.groups
+        n_skill = len(self._packed.skills)
+        est = self._fast_estimate_cached()
+        pts = self._initial_points(est)
+        correct, lens, seq_skill = self._sequences()
+        gs = _gs_modes()[cfg.guess_slip]
+        found = skill_modes(
+            correct,
+            lens,
+            seq_skill,
+            np.array([float(pts[f"mu_{g}"]) for g in groups]),
+            np.array([float(pts[f"sigma_{g}"]) for g in groups]),
+            np.array([est["logits"][g] for g in groups]),
+            gs_mode=gs,
+            n_samples=0,
+        )
+        # A second mode counts if a deep valley separates it and it is not
+        # negligible (within MODE_MAX_DROP nats of the main mode's density).
+        minor = (found["valley"][:, 1:] >= MODE_JUMP_MIN_VALLEY) & (
+            found["log_density"][:, 1:] >= found["log_density"][:, :1] - MODE_MAX_DROP
+        )
+        skills = np.flatnonzero(np.nan_to_num(minor, nan=0).any(axis=1))
+        starts = np.r_[0, np.cumsum(lens)[:-1]]
+        plan: dict[str, Any] = {
+            "mask": np.isin(np.arange(n_skill), skills),
+            "skills": skills,
+            "valley": [],
+            "modes": [],
+            "covs": [],
+            "nodes": [],
+            "c": [],
+            "data": [],
+        }
+        for s in skills:
+            k = int(found["n_modes"][s])
+            mine = np.flatnonzero(seq_skill == s)
+            y = np.concatenate([correct[starts[i] : starts[i] + lens[i]] for i in mine])
+            modes, covs = found["logits"][s, :k], found["cov"][s, :k]
+            nodes, c = collapse_nodes(y, lens[mine], modes, covs, gs_mode=gs, seed=int(s))
+            plan["valley"].append(float(np.nanmax(found["valley"][s])))
+            plan["modes"].append(modes)
+            plan["covs"].append(covs)
+            plan["nodes"].append(nodes)
+            plan["c"].append(c)
+            plan["data"].append((y, lens[mine]))
+        return plan
+
+    def _draw_collapsed(self, idata, seed: int | None):
+        """Give each draw the collapsed skills' logits, drawn from their
+        posterior given that draw's population: a node resampled by its
+        importance weight, then 20 independence Metropolis steps (exact for
+        the conditional whatever the start); returns the updated DataTree."""
+        from .modes import mode_jumps
+
+        cfg = self.config
+        groups = cfg.groups
+        plan = self._collapse
+        post = idata["posterior"].to_dataset().copy(deep=True)
+        n_chain, n_draw = post.sizes["chain"], post.sizes["draw"]
+        n = n_chain * n_draw
+
+        def flat(v):
+            return np.asarray(post[v].transpose("chain", "draw", ...).values, float).reshape(n, -1)
+
+        mean = np.concatenate([flat(f"mu_{g}") for g in groups], axis=1)
+        sd = np.concatenate([flat(f"sigma_{g}") for g in groups], axis=1)
+        logit = {g: flat(f"{g}_logit") for g in groups}
+        rng = np.random.default_rng(seed)
+        for q, s in enumerate(plan["skills"]):
+            nodes, c = plan["nodes"][q], plan["c"][q]
+            modes, covs = plan["modes"][q], plan["covs"][q]
+            x0 = np.empty((n, len(groups)))
+            for a in range(0, n, 256):
+                b = min(a + 256, n)
+                z = (nodes[None, :, :] - mean[a:b, None, :]) / sd[a:b, None, :]
+                lw = c[None, :] - 0.5 * (z**2).sum(axis=2) - np.log(sd[a:b]).sum(axis=1)[:, None]
+                pick = np.argmax(lw + rng.gumbel(size=lw.shape), axis=1)
+                x0[a:b] = nodes[pick]
+            y, lens = plan["data"][q]
+            x, acc = mode_jumps(
+                y,
+                lens,
+                x0,
+                mean,
+                sd,
+                modes,
+                covs,
+                gs_mode=_gs_modes()[cfg.guess_slip],
+                seed=int(rng.integers(2**31)),
+            )
+            for i, g in enumerate(groups):
+                logit[g][:, s] = x[:, i]
+            d = [
+                np.einsum("ni,ij,nj->n", x - m, np.linalg.inv(cv), x - m)
+                for m, cv in zip(modes, covs, strict=True)
+            ]
+            share = np.bincount(np.argmin(d, axis=0), minlength=len(modes)) / n
+            self.fit_info["collapsed"][str(self._packed.skills[s])].update(
+                modes=len(modes), share_of_draws=share.tolist(), accept=float(acc.mean())
+            )
+        shape = (n_chain, n_draw, len(self._packed.skills))
+        cols = plan["skills"]
+        for i, g in enumerate(groups):
+            post[f"{g}_logit"].values[...] = logit[g].reshape(shape)
+            raw = flat(f"{g}_raw")
+            # Collapsed skills are non-centred: raw = (logit - mu) / sigma.
+            raw[:, cols] = (logit[g][:, cols] - mean[:, i : i + 1]) / sd[:, i : i + 1]
+            post[f"{g}_raw"].values[...] = raw.reshape(shape)
+        for name, v in natural_params(logit, cfg.guess_slip).items():
+            if name in post:
+                post[name].values[...] = v.reshape(shape)
+        idata["posterior"] = post
+        return idata
+
     def skill_modes(
         self, *, n_samples: int = 4000, seed: int = 0, min_share: float = 1e-3
     ) -> pd.DataFrame:
@@ -1105,7 +1341,7 @@ class BKTModel:
         R-hat sees a second mode only when some chains visit it and others
         do not; a fit whose chains all stay in the main mode passes while
         missing the rest. This looks for the modes directly (see
-        :func:`bktbayes.diagnostics.skill_modes`): the population means and
+        :func:`bktbayes.modes.skill_modes`): the population means and
         scales are the posterior means of the fit (before a fit, the
         starting values the sampler would use); with ``pooling="none"`` the
         priors of the logits. Modes holding less than ``min_share`` of a
@@ -1125,7 +1361,7 @@ class BKTModel:
             the importance samples behind the shares) and the natural
             parameters at the mode. Empty if every skill has one.
         """
-        from .diagnostics import skill_modes
+        from .modes import skill_modes
 
         cfg = self.config
         if cfg.student_effects or cfg.item_effects:
@@ -1150,15 +1386,12 @@ class BKTModel:
             mu = [float(pts[f"mu_{g}"]) for g in groups]
             sd = [float(pts[f"sigma_{g}"]) for g in groups]
             source = "starting values"
-        pk = self._packed.packed
-        lens = pk.seq_len
-        offs = np.repeat(pk.seq_start - np.cumsum(lens) + lens, lens)
-        correct = self._packed.correct[pk.csr_row[offs + np.arange(int(lens.sum()))]]
+        correct, lens, seq_skill = self._sequences()
         x0 = np.array([self._fast_estimate_cached()["logits"][g] for g in groups])
         res = skill_modes(
             correct,
             lens,
-            pk.seq_skill,
+            seq_skill,
             np.array(mu),
             np.array(sd),
             x0,

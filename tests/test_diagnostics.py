@@ -146,9 +146,9 @@ def _sequences(df, skills):
 def _logpost_many(y, lens, x, mu, sd):
     """Log density of one skill's logits given the population, at many
     points x (n_par, n): the kernel on the skill's sequences replicated."""
-    from bktbayes.diagnostics import _replicated_layout
     from bktbayes.likelihood import skill_logp_grad
     from bktbayes.models import _gs_modes
+    from bktbayes.modes import _replicated_layout
 
     out = np.empty(x.shape[1])
     chunk = 4000
@@ -168,7 +168,7 @@ def _logpost_many(y, lens, x, mu, sd):
 def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
     from bktbayes import BKTModel
     from bktbayes.data import load_events
-    from bktbayes.diagnostics import skill_modes
+    from bktbayes.modes import skill_modes
 
     df = load_events(BUNDLED / "assistments2009.parquet")
     m = BKTModel()
@@ -230,7 +230,7 @@ def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
 
 
 def test_skill_modes_sees_one_mode_in_a_well_identified_skill():
-    from bktbayes.diagnostics import skill_modes
+    from bktbayes.modes import skill_modes
     from bktbayes.params import BKTParams, ParamTable
     from bktbayes.simulate import simulate
 
@@ -258,7 +258,7 @@ def test_skill_modes_sees_one_mode_in_a_well_identified_skill():
 
 
 def test_skill_modes_rejects_bad_input():
-    from bktbayes.diagnostics import skill_modes
+    from bktbayes.modes import skill_modes
 
     with pytest.raises(ValueError, match="sum\\(seq_len\\)"):
         skill_modes(
@@ -288,3 +288,146 @@ def test_skill_modes_refuses_models_whose_skills_are_not_independent():
     m = BKTModel(student_effects="init")
     with pytest.raises(ValueError, match="student_effects"):
         m.skill_modes()
+
+
+@pytest.fixture(scope="module")
+def volume_sphere():
+    """Volume Sphere's responses, its modes at the starting population."""
+    from bktbayes import BKTModel
+    from bktbayes.data import load_events
+    from bktbayes.modes import skill_modes
+
+    df = load_events(BUNDLED / "assistments2009.parquet")
+    m = BKTModel()
+    model = m.build_model(df)
+    pop = m.skill_modes(n_samples=0).attrs["population"]
+    groups = ["init", "transit", "guess", "slip"]
+    mu = np.array([pop["mu"][g] for g in groups])
+    sd = np.array([pop["sd"][g] for g in groups])
+    skills = list(model.coords["skill"])
+    y_all, lens_all, seq_skill = _sequences(df, skills)
+    x0 = np.array([m.fast_estimate()["logits"][g] for g in groups])
+    res = skill_modes(y_all, lens_all, seq_skill, mu, sd, x0, gs_mode=0, n_samples=20000, seed=5)
+    s = skills.index("Volume Sphere")
+    starts = np.r_[0, np.cumsum(lens_all)[:-1]]
+    mine = np.flatnonzero(seq_skill == s)
+    y = np.concatenate([y_all[starts[i] : starts[i] + lens_all[i]] for i in mine])
+    return {
+        "m": m,
+        "y": y,
+        "lens": lens_all[mine],
+        "mu": mu,
+        "sd": sd,
+        "modes": res["logits"][s, :2],
+        "covs": res["cov"][s, :2],
+        "share": res["share"][s, 1],
+        "ess": res["ess"][s],
+    }
+
+
+@pytest.mark.slow
+def test_collapsed_marginal_likelihood_against_a_grid_integral(volume_sphere):
+    """The fixed-node estimate of log p(y_s | mu, sigma), the likelihood a
+    collapsed skill contributes, against a Riemann sum over grids in each
+    mode's whitened coordinates, at the starting population and at two
+    others a posterior sd or so away."""
+    from bktbayes.modes import collapse_nodes, skill_loglik_many
+
+    v = volume_sphere
+    nodes, c = collapse_nodes(v["y"], v["lens"], v["modes"], v["covs"], gs_mode=0, seed=1)
+    g1 = np.arange(-8.0, 9.0)
+    u = np.stack(np.meshgrid(g1, g1, g1, g1, indexing="ij")).reshape(4, -1)
+    prec = [np.linalg.inv(cv) for cv in v["covs"]]
+    grid = []
+    for j in range(2):
+        chol = np.linalg.cholesky(v["covs"][j])
+        x = (v["modes"][j][:, None] + chol @ u).T
+        d = np.stack(
+            [
+                np.einsum("ni,ij,nj->n", x - m, p, x - m)
+                for m, p in zip(v["modes"], prec, strict=True)
+            ]
+        )
+        own = np.argmin(d, axis=0) == j
+        grid.append((x[own], skill_loglik_many(v["y"], v["lens"], x[own], gs_mode=0), chol))
+
+    def lognorm(x, mu, sd):
+        return (-0.5 * ((x - mu) / sd) ** 2 - np.log(sd) - 0.5 * np.log(2 * np.pi)).sum(axis=1)
+
+    for shift in (0.0, 0.15, -0.15):
+        mu, sd = v["mu"] + shift, v["sd"] * (1 + shift)
+        est = np.logaddexp.reduce(c + lognorm(nodes, mu, sd)) - np.log(len(nodes))
+        parts = [
+            np.logaddexp.reduce(ll + lognorm(x, mu, sd)) + np.log(np.linalg.det(chol))
+            for x, ll, chol in grid
+        ]
+        ref = np.logaddexp.reduce(parts)
+        # Importance sampling with ~1,000+ effective nodes: a relative error
+        # of a few per cent in the integral, i.e. a few hundredths of a nat.
+        assert abs(est - ref) < 0.1, (shift, est, ref)
+
+
+@pytest.mark.slow
+def test_mode_jumps_give_the_minor_mode_its_share(volume_sphere):
+    """Every draw starts in the main mode; after the independence Metropolis
+    steps the minor mode's share matches the importance-sampling share."""
+    from bktbayes.modes import mode_jumps
+
+    v = volume_sphere
+    n = 6000
+    x0 = np.tile(v["modes"][0], (n, 1))
+    mean = np.tile(v["mu"], (n, 1))
+    sd = np.tile(v["sd"], (n, 1))
+    x, acc = mode_jumps(v["y"], v["lens"], x0, mean, sd, v["modes"], v["covs"], gs_mode=0, seed=2)
+    assert 0.1 < acc.mean() < 0.9
+    prec = [np.linalg.inv(cv) for cv in v["covs"]]
+    d = np.stack(
+        [np.einsum("ni,ij,nj->n", x - m, p, x - m) for m, p in zip(v["modes"], prec, strict=True)]
+    )
+    share = (np.argmin(d, axis=0) == 1).mean()
+    # Binomial error of n draws plus the importance-sampling error, 4 sds.
+    p = v["share"]
+    tol = 4 * np.sqrt(p * (1 - p) / n + p * (1 - p) / v["ess"])
+    assert abs(share - p) < tol, (share, p, tol)
+    # The same seed, the same draws.
+    x2, _ = mode_jumps(v["y"], v["lens"], x0, mean, sd, v["modes"], v["covs"], gs_mode=0, seed=2)
+    np.testing.assert_array_equal(x, x2)
+
+
+@pytest.mark.slow
+def test_a_fit_collapses_volume_sphere_and_keeps_its_draws_consistent(volume_sphere):
+    """A short fit of the bundled data: Volume Sphere is collapsed, its draws
+    are consistent across raw, logit and probability, and the pointwise
+    log-likelihood of its sequences is that of the draws' parameters."""
+    from bktbayes.modes import skill_loglik_many
+
+    m = volume_sphere["m"]
+    df = __import__("bktbayes.data", fromlist=["load_events"]).load_events(
+        BUNDLED / "assistments2009.parquet"
+    )
+    idata = m.fit(df, draws=60, tune=60, chains=2, random_seed=4, progressbar=False, warn=False)
+    assert list(m.fit_info["collapsed"]) == ["Volume Sphere"]
+    info = m.fit_info["collapsed"]["Volume Sphere"]
+    assert info["modes"] == 2 and 0 < info["accept"] < 1
+    post = idata["posterior"].sel(skill="Volume Sphere")
+    for g in ("init", "transit", "guess", "slip"):
+        raw = (post[f"{g}_logit"] - post[f"mu_{g}"]) / post[f"sigma_{g}"]
+        np.testing.assert_allclose(post[f"{g}_raw"], raw, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(post["p_transit"], 1 / (1 + np.exp(-post["transit_logit"])))
+    # Its sequences' pointwise log-likelihood, summed, for a few draws.
+    ll = idata["log_likelihood"]["loglik"]
+    dim = next(d for d in ll.dims if d not in ("chain", "draw"))
+    mine = [k for k in ll[dim].values if str(k).endswith("|Volume Sphere")]
+    assert len(mine) == len(volume_sphere["lens"])
+    for chain, draw in [(0, 0), (1, 59)]:
+        x = np.array(
+            [
+                [
+                    float(post[f"{g}_logit"].sel(chain=chain, draw=draw))
+                    for g in ("init", "transit", "guess", "slip")
+                ]
+            ]
+        )
+        ref = skill_loglik_many(volume_sphere["y"], volume_sphere["lens"], x, gs_mode=0)[0]
+        got = float(ll.sel(chain=chain, draw=draw, **{dim: mine}).sum())
+        assert got == pytest.approx(ref, rel=1e-10, abs=1e-8)

@@ -1,0 +1,431 @@
+"""Modes of a skill's posterior given the population parameters.
+
+In the per-skill models (no student or item effects) skills are independent
+given the population means and scales, so each skill's posterior is a
+density of 4 (or 5) logits that is cheap to explore. BKT's identifiability
+problem (Beck and Chang 2007) can give it two modes: students who already
+know the skill and rarely learn it, or who start unmastered and learn at
+once. NUTS crosses a shallow valley between them freely and a deep one
+rarely, so a fit can hold a minor mode in none of its draws, or in one
+chain's many, while R-hat sees only the second case.
+
+:func:`skill_modes` finds the modes and the share of each;
+:func:`mode_jumps` moves draws between them with an independence Metropolis
+kernel that leaves each skill's conditional posterior invariant.
+
+Plain functions over arrays; the kernels are
+:func:`bktbayes.likelihood.skill_logp_grad` and
+:func:`bktbayes.likelihood.skill_newton`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["collapse_nodes", "mode_jumps", "skill_loglik_many", "skill_modes"]
+
+
+def _replicated_layout(correct: np.ndarray, seq_len: np.ndarray, n_rep: int):
+    """Lockstep layout of one skill's sequences repeated ``n_rep`` times,
+    replica r as "skill" r (so that one kernel call evaluates n_rep
+    parameter vectors)."""
+    from .likelihood import LIKELIHOOD_BLOCK_SIZE
+    from .packing import pack_codes
+
+    n_seq, n_obs = seq_len.size, correct.size
+    seq = np.repeat(np.arange(n_seq * n_rep), np.tile(seq_len, n_rep))
+    rep = np.repeat(np.arange(n_rep), n_obs)
+    pk = pack_codes(
+        seq,
+        rep,
+        np.arange(n_obs * n_rep),
+        np.tile(correct, n_rep),
+        n_skill=n_rep,
+        block_size=LIKELIHOOD_BLOCK_SIZE,
+    )
+    return (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count), pk.seq_skill
+
+
+def _valley(logpost, y, lens, modes: np.ndarray, log_density: np.ndarray) -> np.ndarray:
+    """Nats from each mode after the first down to the lowest of 41 points
+    on the straight segment joining it to the first."""
+    k = modes.shape[0]
+    t = np.linspace(0.0, 1.0, 41)
+    seg = np.concatenate([modes[0] + t[:, None] * (modes[j] - modes[0]) for j in range(1, k)])
+    lay, sk = _replicated_layout(y, lens, seg.shape[0])
+    lp = logpost(lay, sk, seg.T)[0].reshape(k - 1, t.size)
+    return log_density[1:k] - lp.min(axis=1)
+
+
+def skill_modes(
+    correct: np.ndarray,
+    seq_len: np.ndarray,
+    seq_skill: np.ndarray,
+    prior_mean: np.ndarray,
+    prior_sd: np.ndarray,
+    x0: np.ndarray,
+    *,
+    gs_mode: int,
+    n_samples: int = 4000,
+    spread: float = 1.5,
+    min_separation: float = 0.5,
+    seed: int = 0,
+    max_obs_per_call: int = 8_000_000,
+) -> dict:
+    """Local maxima of each skill's conditional posterior and their shares.
+
+    Given the population means and scales of the logits, a skill's logits
+    have the density ``p(y_s | x) N(x | prior_mean, prior_sd)``, a function
+    of 4 (or 5) numbers. Block Newton (:func:`bktbayes.likelihood.skill_newton`)
+    climbs it from three starts per skill: ``x0`` and the two ends of BKT's
+    identifiability ridge (Beck and Chang 2007): low p_init with high
+    p_transit ("learns at the first attempt") and the reverse ("knew it
+    already"), each ``spread`` population sds from the mean. Maxima further
+    apart than ``min_separation`` (logit units, any coordinate) with a
+    negative definite Hessian are distinct modes. For skills with two or
+    more, the share of each is estimated by importance sampling from an
+    equal mixture of multivariate t (4 degrees of freedom, covariance twice
+    the Laplace covariance) centred on the modes; samples count towards the
+    mode nearest in Mahalanobis distance.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_obs,)
+        Responses, sequence after sequence.
+    seq_len : int64 array, shape (n_seqs,)
+    seq_skill : int64 array, shape (n_seqs,)
+        Skill index of each sequence.
+    prior_mean, prior_sd : float64 arrays, shape (n_par,)
+        Population mean and sd of each logit group (init, transit, guess,
+        slip[, forget]), e.g. posterior means of a hierarchical fit.
+    x0 : float64 array, shape (n_par, n_skills)
+        A start per skill (e.g. the fast estimate's logits).
+    gs_mode : int
+        Guess/slip parametrisation (see :func:`bktbayes.likelihood.skill_logp_grad`).
+    n_samples : int
+        Importance samples per multimodal skill (0: no shares, nan).
+    seed : int
+        Seed of the importance samples (same seed, same shares).
+
+    Returns
+    -------
+    dict
+        ``n_modes`` (n_skills,); ``logits`` (n_skills, 3, n_par) and
+        ``log_density`` (n_skills, 3) of the distinct modes, best first
+        (nan-padded), with ``cov`` (n_skills, 3, n_par, n_par) the Laplace
+        covariance at each; ``valley`` (n_skills, 3): nats from each other mode
+        down to the lowest point of the straight segment joining it to the
+        main mode (an upper bound on the lowest pass; nan for the main
+        mode); ``share`` (n_skills, 3) (1 for unimodal skills) and ``ess``
+        (n_skills,) of the importance samples (nan for unimodal skills).
+    """
+    from .likelihood import LIKELIHOOD_BLOCK_SIZE, skill_logp_grad, skill_newton
+    from .packing import pack_codes
+
+    correct = np.ascontiguousarray(correct, dtype=np.uint8)
+    seq_len = np.asarray(seq_len, dtype=np.int64)
+    seq_skill = np.asarray(seq_skill, dtype=np.int64)
+    x0 = np.asarray(x0, dtype=float)
+    n_par, n_skill = x0.shape
+    mu = np.asarray(prior_mean, dtype=float).reshape(n_par, 1)
+    sd = np.asarray(prior_sd, dtype=float).reshape(n_par, 1)
+    if correct.size != seq_len.sum() or seq_skill.size != seq_len.size:
+        raise ValueError(
+            "correct must hold sum(seq_len) responses and seq_skill one skill per sequence"
+        )
+    if np.any(sd <= 0):
+        raise ValueError(f"prior_sd must be positive, got {sd.ravel()}")
+    ridge = 1.0 / sd**2
+    pk = pack_codes(
+        np.repeat(np.arange(seq_len.size), seq_len),
+        np.repeat(seq_skill, seq_len),
+        np.arange(correct.size),
+        correct,
+        n_skill=n_skill,
+        block_size=LIKELIHOOD_BLOCK_SIZE,
+    )
+    layout = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
+
+    def logpost(lay, sk, x):
+        lp = np.zeros(x.shape[1])
+        g = np.zeros_like(x)
+        skill_logp_grad(*lay, sk, np.ascontiguousarray(x), gs_mode, lp, g)
+        return lp - 0.5 * (ridge * (x - mu) ** 2).sum(axis=0), g - ridge * (x - mu)
+
+    starts = [x0]
+    for sign in (-1.0, 1.0):
+        x = x0.copy()
+        x[0] = mu[0, 0] + sign * spread * sd[0, 0]
+        x[1] = mu[1, 0] - sign * spread * sd[1, 0]
+        starts.append(x)
+    sols, vals, negdef = [], [], []
+    h = 1e-5
+    for x in starts:
+        res = skill_newton(
+            layout, pk.seq_skill, x, gs_mode=gs_mode, ridge=ridge, prior_mean=mu, max_iter=60
+        )
+        xs = res["x"]
+        v, g = logpost(layout, pk.seq_skill, xs)
+        hess = np.empty((n_skill, n_par, n_par))
+        for k in range(n_par):
+            xk = xs.copy()
+            xk[k] += h
+            hess[:, :, k] = ((logpost(layout, pk.seq_skill, xk)[1] - g) / h).T
+        hess = 0.5 * (hess + hess.transpose(0, 2, 1))
+        negdef.append(np.linalg.eigvalsh(hess).max(axis=1) < 0)
+        sols.append((xs, hess))
+        vals.append(v)
+
+    k_max = len(starts)
+    logits = np.full((n_skill, k_max, n_par), np.nan)
+    log_density = np.full((n_skill, k_max), np.nan)
+    covs = np.full((n_skill, k_max, n_par, n_par), np.nan)
+    n_modes = np.zeros(n_skill, dtype=np.int64)
+    order = np.argsort(-np.stack(vals), axis=0)  # best start first, per skill
+    for s in range(n_skill):
+        for j in order[:, s]:
+            if not negdef[j][s]:
+                continue
+            xs = sols[j][0][:, s]
+            k = n_modes[s]
+            if k and np.any(np.abs(logits[s, :k] - xs).max(axis=1) < min_separation):
+                continue
+            logits[s, k] = xs
+            log_density[s, k] = vals[j][s]
+            covs[s, k] = np.linalg.inv(-sols[j][1][s])
+            n_modes[s] += 1
+    share = np.full((n_skill, k_max), np.nan)
+    share[n_modes == 1, 0] = 1.0
+    ess = np.full(n_skill, np.nan)
+    valley = np.full((n_skill, k_max), np.nan)
+    rng = np.random.default_rng(seed)
+    seq_start = np.concatenate([[0], np.cumsum(seq_len)[:-1]])
+    for s in np.flatnonzero(n_modes >= 2):
+        k = n_modes[s]
+        if n_samples <= 0:
+            mine = np.flatnonzero(seq_skill == s)
+            y = np.concatenate([correct[seq_start[i] : seq_start[i] + seq_len[i]] for i in mine])
+            valley[s, 1:k] = _valley(logpost, y, seq_len[mine], logits[s, :k], log_density[s, :k])
+            continue
+        rvs, logq_fn = _t_mixture(logits[s, :k], covs[s, :k], 4.0, 2.0)
+        z = rvs(n_samples, rng)
+        logq = logq_fn(z)
+        mine = np.flatnonzero(seq_skill == s)
+        lens = seq_len[mine]
+        y = np.concatenate([correct[seq_start[i] : seq_start[i] + seq_len[i]] for i in mine])
+        chunk = max(1, min(n_samples, max_obs_per_call // max(y.size, 1)))
+        lp = np.empty(n_samples)
+        lay, n_rep = None, 0
+        for a in range(0, n_samples, chunk):
+            b = min(a + chunk, n_samples)
+            if lay is None or b - a != n_rep:
+                n_rep = b - a
+                lay, sk = _replicated_layout(y, lens, n_rep)
+            lp[a:b] = logpost(lay, sk, z[a:b].T)[0]
+        # The lowest point of the straight segment from the main mode to
+        # each other one: how deep a valley a chain must cross (the best
+        # path can only be shallower).
+        valley[s, 1:k] = _valley(logpost, y, lens, logits[s, :k], log_density[s, :k])
+        lw = lp - logq
+        w = np.exp(lw - lw.max())
+        w /= w.sum()
+        ess[s] = 1.0 / np.sum(w**2)
+        maha = np.stack(
+            [
+                np.einsum(
+                    "ni,ij,nj->n", z - logits[s, j], np.linalg.inv(covs[s, j]), z - logits[s, j]
+                )
+                for j in range(k)
+            ]
+        )
+        near = np.argmin(maha, axis=0)
+        share[s, :k] = np.bincount(near, weights=w, minlength=k)
+    return {
+        "n_modes": n_modes,
+        "logits": logits,
+        "log_density": log_density,
+        "cov": covs,
+        "valley": valley,
+        "share": share,
+        "ess": ess,
+    }
+
+
+def _t_mixture(modes: np.ndarray, covs: np.ndarray, df: float, scale: float):
+    """Sampler and log density of an equal mixture of multivariate t."""
+    from scipy.stats import multivariate_t
+
+    comps = [
+        multivariate_t(loc=m, shape=scale * c, df=df) for m, c in zip(modes, covs, strict=True)
+    ]
+
+    def logpdf(z):
+        return np.logaddexp.reduce([c.logpdf(z) for c in comps], axis=0) - np.log(len(comps))
+
+    def rvs(n, rng):
+        lab = rng.integers(0, len(comps), n)
+        z = np.empty((n, modes.shape[1]))
+        for j, c in enumerate(comps):
+            if np.any(lab == j):
+                z[lab == j] = c.rvs(size=int((lab == j).sum()), random_state=rng).reshape(
+                    -1, modes.shape[1]
+                )
+        return z
+
+    return rvs, logpdf
+
+
+def mode_jumps(
+    correct: np.ndarray,
+    seq_len: np.ndarray,
+    logits: np.ndarray,
+    prior_mean: np.ndarray,
+    prior_sd: np.ndarray,
+    modes: np.ndarray,
+    covs: np.ndarray,
+    *,
+    gs_mode: int,
+    n_steps: int = 20,
+    seed: int = 0,
+    max_obs_per_call: int = 8_000_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move one skill's draws between its modes: independence Metropolis.
+
+    Each draw's logits take ``n_steps`` independence Metropolis steps whose
+    proposal is an equal mixture of multivariate t (4 degrees of freedom,
+    covariance twice the Laplace covariance) centred on ``modes``, and whose
+    target is the skill's posterior given that draw's population
+    (``prior_mean``, ``prior_sd``): ``p(y_s | x) N(x | mean, sd)``. The
+    kernel leaves that conditional invariant whatever the proposal, so a
+    draw from the joint posterior stays one; a draw whose chain could not
+    cross to the other mode is given the mode's proper weight. Draws are
+    independent of each other; the same seed gives the same result.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_obs,)
+        The skill's responses, sequence after sequence.
+    seq_len : int64 array, shape (n_seqs,)
+    logits : float64 array, shape (n_draws, n_par)
+        The draws' logits (init, transit, guess, slip[, forget]).
+    prior_mean, prior_sd : float64 arrays, shape (n_draws, n_par)
+        Each draw's population mean and sd of the logits.
+    modes : float64 array, shape (k, n_par)
+    covs : float64 array, shape (k, n_par, n_par)
+        Modes and their Laplace covariances (from :func:`skill_modes`).
+    gs_mode : int
+        Guess/slip parametrisation.
+
+    Returns
+    -------
+    logits : float64 array, shape (n_draws, n_par)
+    accept : float64 array, shape (n_draws,)
+        Share of each draw's proposals accepted.
+    """
+    from .likelihood import skill_logp_grad
+
+    x = np.array(logits, dtype=float, copy=True)
+    n_draw, n_par = x.shape
+    mean = np.broadcast_to(np.asarray(prior_mean, dtype=float), x.shape)
+    sd = np.broadcast_to(np.asarray(prior_sd, dtype=float), x.shape)
+    if np.any(sd <= 0):
+        raise ValueError("prior_sd must be positive")
+    correct = np.ascontiguousarray(correct, dtype=np.uint8)
+    seq_len = np.asarray(seq_len, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    rvs, logq = _t_mixture(np.asarray(modes, float), np.asarray(covs, float), 4.0, 2.0)
+    chunk = max(1, min(n_draw, max_obs_per_call // max(correct.size, 1)))
+    layouts: dict[int, tuple] = {}
+
+    def logpost(z):
+        out = np.empty(n_draw)
+        for a in range(0, n_draw, chunk):
+            b = min(a + chunk, n_draw)
+            if b - a not in layouts:
+                layouts[b - a] = _replicated_layout(correct, seq_len, b - a)
+            lay, sk = layouts[b - a]
+            lp = np.zeros(b - a)
+            g = np.zeros((n_par, b - a))
+            skill_logp_grad(*lay, sk, np.ascontiguousarray(z[a:b].T), gs_mode, lp, g)
+            out[a:b] = lp - 0.5 * (((z[a:b] - mean[a:b]) / sd[a:b]) ** 2).sum(axis=1)
+        return out
+
+    w = logpost(x) - logq(x)
+    accepted = np.zeros(n_draw)
+    for _ in range(n_steps):
+        z = rvs(n_draw, rng)
+        wz = logpost(z) - logq(z)
+        take = np.log(rng.uniform(size=n_draw)) < wz - w
+        x[take] = z[take]
+        w[take] = wz[take]
+        accepted += take
+    return x, accepted / max(n_steps, 1)
+
+
+def skill_loglik_many(
+    correct: np.ndarray, seq_len: np.ndarray, logits: np.ndarray, *, gs_mode: int
+) -> np.ndarray:
+    """Log-likelihood of one skill's sequences at many parameter vectors.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_obs,)
+        The skill's responses, sequence after sequence.
+    seq_len : int64 array, shape (n_seqs,)
+    logits : float64 array, shape (n_points, n_par)
+
+    Returns
+    -------
+    float64 array, shape (n_points,)
+        Nats.
+    """
+    from .likelihood import skill_logp_grad
+
+    x = np.asarray(logits, dtype=float)
+    n, n_par = x.shape
+    chunk = max(1, min(n, 8_000_000 // max(correct.size, 1)))
+    out = np.empty(n)
+    layouts: dict[int, tuple] = {}
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        if b - a not in layouts:
+            layouts[b - a] = _replicated_layout(correct, seq_len, b - a)
+        lay, sk = layouts[b - a]
+        lp = np.zeros(b - a)
+        skill_logp_grad(
+            *lay, sk, np.ascontiguousarray(x[a:b].T), gs_mode, lp, np.zeros((n_par, b - a))
+        )
+        out[a:b] = lp
+    return out
+
+
+def collapse_nodes(
+    correct: np.ndarray,
+    seq_len: np.ndarray,
+    modes: np.ndarray,
+    covs: np.ndarray,
+    *,
+    gs_mode: int,
+    n_nodes: int = 4000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed importance-sampling nodes for one skill's marginal likelihood.
+
+    With nodes ``x_j`` from the mixture of t at the skill's modes (as in
+    :func:`skill_modes`) and ``c_j = log p(y_s | x_j) - log q(x_j)``, the
+    skill's likelihood with its logits integrated out under the population
+    density ``N(mu, sigma)`` is estimated by
+    ``logsumexp_j(c_j + log N(x_j | mu, sigma)) - log n_nodes``: a smooth,
+    deterministic function of the population parameters (the same nodes at
+    every evaluation), which a model can sample instead of the skill's own
+    multimodal logits.
+
+    Returns
+    -------
+    nodes : float64 array, shape (n_nodes, n_par)
+    c : float64 array, shape (n_nodes,)
+    """
+    rvs, logq = _t_mixture(np.asarray(modes, float), np.asarray(covs, float), 4.0, 2.0)
+    nodes = rvs(n_nodes, np.random.default_rng(seed))
+    c = skill_loglik_many(correct, seq_len, nodes, gs_mode=gs_mode) - logq(nodes)
+    return nodes, c
