@@ -43,6 +43,7 @@ __all__ = [
     "forward_logp_events",
     "forward_logp_grad",
     "item_logp_grad",
+    "points_logp",
     "prefix_total_logp_grad",
     "student_total_logp_grad",
 ]
@@ -435,6 +436,61 @@ def skill_logp_grad(
             sb = _sig(logits[3, s])
             out_grad[2, s] = gn[2, s] * 0.5 * sg * (1.0 - sg)
             out_grad[3, s] = gn[3, s] * 0.5 * sb * (1.0 - sb)
+
+
+@nb.njit(parallel=True, **_JIT)
+def points_logp(correct, seq_start, seq_len, logits, gs_mode, out):
+    """Log-likelihood of one set of sequences at many parameter vectors.
+
+    For one skill's posterior explored point by point (its modes, importance
+    samples, Metropolis proposals): the same filter as the lockstep kernel,
+    one thread per block of points, no gradient.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_obs,)
+        Responses, each sequence contiguous and in order.
+    seq_start, seq_len : int64 arrays, shape (n_seqs,)
+    logits : float64 array, shape (4 or 5, n_points)
+        As in :func:`skill_logp_grad` (``gs_mode`` maps guess and slip).
+    gs_mode : int
+    out : float64 array, shape (n_points,)
+        Written: the summed log-likelihood at each point (nats).
+    """
+    n_par = logits.shape[0]
+    n_seq = seq_start.shape[0]
+    for j in nb.prange(logits.shape[1]):
+        pi = _sig(logits[0, j])
+        t = _sig(logits[1, j])
+        sg = _sig(logits[2, j])
+        if gs_mode == GS_ORDERED:
+            sl = _sig(-logits[3, j])
+            g = _sig(logits[3, j]) * sg
+        elif gs_mode == GS_GUESS_FIRST:
+            g = sg
+            sl = (1.0 - sg) * _sig(-logits[3, j])
+        else:
+            g = 0.5 * sg
+            sl = 0.5 * _sig(logits[3, j])
+        f = (1.0 - t) * _sig(logits[4, j]) if n_par == 5 else 0.0
+        total = 0.0
+        for s in range(n_seq):
+            p = pi
+            q = 1.0 - pi
+            for k in range(seq_start[s], seq_start[s] + seq_len[s]):
+                if correct[k] != 0:
+                    pa = p * (1.0 - sl)
+                    qb = q * g
+                else:
+                    pa = p * sl
+                    qb = q * (1.0 - g)
+                lik = pa + qb
+                total += np.log(lik)
+                pp = pa / lik
+                pq = qb / lik
+                p = pp * (1.0 - f) + pq * t
+                q = pp * f + pq * (1.0 - t)
+        out[j] = total
 
 
 def skill_newton(

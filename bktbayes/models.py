@@ -1038,19 +1038,27 @@ class BKTModel:
                 lay = self._prefix
                 sp = lay.suffix
                 keep = self._prefix_keep
-                out = ll if keep is None else np.empty((ll.shape[0], keep.size))
+                seq_node, suf_seq = lay.seq_node, lay.suf_seq
+                if keep is not None:
+                    # The layout holds the sequences in keep: its columns
+                    # mapped onto all sequences' (the others get node 0's
+                    # value here and their own just below). A (draws x
+                    # sequences) array is 1.3 GB on the bundled data, too
+                    # big to fill twice.
+                    seq_node = np.zeros(pk.n_seqs, dtype=lay.seq_node.dtype)
+                    seq_node[keep] = lay.seq_node
+                    suf_seq = keep[lay.suf_seq].astype(lay.suf_seq.dtype)
                 draws_prefix_logp(
                     lay.node_parent, lay.node_skill, lay.node_y,
                     sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
-                    lay.suf_node, lay.suf_skill, lay.seq_node, lay.suf_seq,
+                    lay.suf_node, lay.suf_skill, seq_node, suf_seq,
                     *(c(nat[k]) for k in ("p_init", "p_transit", "p_guess", "p_slip")),
                     pf,
-                    out,
+                    ll,
                 )  # fmt: skip
                 if keep is not None:
                     # The collapsed skills' sequences, not in the prefix
                     # layout: stepped on their own.
-                    ll[:, keep] = out
                     self._rest_loglik(nat, pf, keep, ll)
             else:
                 draws_logp(

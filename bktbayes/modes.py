@@ -25,36 +25,15 @@ import numpy as np
 __all__ = ["collapse_nodes", "mode_jumps", "skill_loglik_many", "skill_modes"]
 
 
-def _replicated_layout(correct: np.ndarray, seq_len: np.ndarray, n_rep: int):
-    """Lockstep layout of one skill's sequences repeated ``n_rep`` times,
-    replica r as "skill" r (so that one kernel call evaluates n_rep
-    parameter vectors)."""
-    from .likelihood import LIKELIHOOD_BLOCK_SIZE
-    from .packing import pack_codes
-
-    n_seq, n_obs = seq_len.size, correct.size
-    seq = np.repeat(np.arange(n_seq * n_rep), np.tile(seq_len, n_rep))
-    rep = np.repeat(np.arange(n_rep), n_obs)
-    pk = pack_codes(
-        seq,
-        rep,
-        np.arange(n_obs * n_rep),
-        np.tile(correct, n_rep),
-        n_skill=n_rep,
-        block_size=LIKELIHOOD_BLOCK_SIZE,
-    )
-    return (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count), pk.seq_skill
-
-
-def _valley(logpost, y, lens, modes: np.ndarray, log_density: np.ndarray) -> np.ndarray:
+def _valley(y, lens, modes: np.ndarray, log_density: np.ndarray, gs_mode: int, prior) -> np.ndarray:
     """Nats from each mode after the first down to the lowest of 41 points
-    on the straight segment joining it to the first."""
+    on the straight segment joining it to the first (``prior(x)``: the log
+    prior density at points x, shape (n, n_par))."""
     k = modes.shape[0]
     t = np.linspace(0.0, 1.0, 41)
     seg = np.concatenate([modes[0] + t[:, None] * (modes[j] - modes[0]) for j in range(1, k)])
-    lay, sk = _replicated_layout(y, lens, seg.shape[0])
-    lp = logpost(lay, sk, seg.T)[0].reshape(k - 1, t.size)
-    return log_density[1:k] - lp.min(axis=1)
+    lp = skill_loglik_many(y, lens, seg, gs_mode=gs_mode) + prior(seg)
+    return log_density[1:k] - lp.reshape(k - 1, t.size).min(axis=1)
 
 
 def skill_modes(
@@ -70,7 +49,6 @@ def skill_modes(
     spread: float = 1.5,
     min_separation: float = 0.5,
     seed: int = 0,
-    max_obs_per_call: int = 8_000_000,
 ) -> dict:
     """Local maxima of each skill's conditional posterior and their shares.
 
@@ -146,6 +124,9 @@ def skill_modes(
     )
     layout = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
 
+    def prior(x):  # x: (n, n_par)
+        return -0.5 * (ridge.T * (x - mu.T) ** 2).sum(axis=1)
+
     def logpost(lay, sk, x):
         lp = np.zeros(x.shape[1])
         g = np.zeros_like(x)
@@ -205,7 +186,9 @@ def skill_modes(
         if n_samples <= 0:
             mine = np.flatnonzero(seq_skill == s)
             y = np.concatenate([correct[seq_start[i] : seq_start[i] + seq_len[i]] for i in mine])
-            valley[s, 1:k] = _valley(logpost, y, seq_len[mine], logits[s, :k], log_density[s, :k])
+            valley[s, 1:k] = _valley(
+                y, seq_len[mine], logits[s, :k], log_density[s, :k], gs_mode, prior
+            )
             continue
         rvs, logq_fn = _t_mixture(logits[s, :k], covs[s, :k], 4.0, 2.0)
         z = rvs(n_samples, rng)
@@ -213,19 +196,11 @@ def skill_modes(
         mine = np.flatnonzero(seq_skill == s)
         lens = seq_len[mine]
         y = np.concatenate([correct[seq_start[i] : seq_start[i] + seq_len[i]] for i in mine])
-        chunk = max(1, min(n_samples, max_obs_per_call // max(y.size, 1)))
-        lp = np.empty(n_samples)
-        lay, n_rep = None, 0
-        for a in range(0, n_samples, chunk):
-            b = min(a + chunk, n_samples)
-            if lay is None or b - a != n_rep:
-                n_rep = b - a
-                lay, sk = _replicated_layout(y, lens, n_rep)
-            lp[a:b] = logpost(lay, sk, z[a:b].T)[0]
+        lp = skill_loglik_many(y, lens, z, gs_mode=gs_mode) + prior(z)
         # The lowest point of the straight segment from the main mode to
         # each other one: how deep a valley a chain must cross (the best
         # path can only be shallower).
-        valley[s, 1:k] = _valley(logpost, y, lens, logits[s, :k], log_density[s, :k])
+        valley[s, 1:k] = _valley(y, lens, logits[s, :k], log_density[s, :k], gs_mode, prior)
         lw = lp - logq
         w = np.exp(lw - lw.max())
         w /= w.sum()
@@ -287,7 +262,6 @@ def mode_jumps(
     gs_mode: int,
     n_steps: int = 20,
     seed: int = 0,
-    max_obs_per_call: int = 8_000_000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Move one skill's draws between its modes: independence Metropolis.
 
@@ -322,10 +296,9 @@ def mode_jumps(
     accept : float64 array, shape (n_draws,)
         Share of each draw's proposals accepted.
     """
-    from .likelihood import skill_logp_grad
 
     x = np.array(logits, dtype=float, copy=True)
-    n_draw, n_par = x.shape
+    n_draw = x.shape[0]
     mean = np.broadcast_to(np.asarray(prior_mean, dtype=float), x.shape)
     sd = np.broadcast_to(np.asarray(prior_sd, dtype=float), x.shape)
     if np.any(sd <= 0):
@@ -334,21 +307,10 @@ def mode_jumps(
     seq_len = np.asarray(seq_len, dtype=np.int64)
     rng = np.random.default_rng(seed)
     rvs, logq = _t_mixture(np.asarray(modes, float), np.asarray(covs, float), 4.0, 2.0)
-    chunk = max(1, min(n_draw, max_obs_per_call // max(correct.size, 1)))
-    layouts: dict[int, tuple] = {}
 
     def logpost(z):
-        out = np.empty(n_draw)
-        for a in range(0, n_draw, chunk):
-            b = min(a + chunk, n_draw)
-            if b - a not in layouts:
-                layouts[b - a] = _replicated_layout(correct, seq_len, b - a)
-            lay, sk = layouts[b - a]
-            lp = np.zeros(b - a)
-            g = np.zeros((n_par, b - a))
-            skill_logp_grad(*lay, sk, np.ascontiguousarray(z[a:b].T), gs_mode, lp, g)
-            out[a:b] = lp - 0.5 * (((z[a:b] - mean[a:b]) / sd[a:b]) ** 2).sum(axis=1)
-        return out
+        lp = skill_loglik_many(correct, seq_len, z, gs_mode=gs_mode)
+        return lp - 0.5 * (((z - mean) / sd) ** 2).sum(axis=1)
 
     w = logpost(x) - logq(x)
     accepted = np.zeros(n_draw)
@@ -379,23 +341,13 @@ def skill_loglik_many(
     float64 array, shape (n_points,)
         Nats.
     """
-    from .likelihood import skill_logp_grad
+    from .likelihood import points_logp
 
-    x = np.asarray(logits, dtype=float)
-    n, n_par = x.shape
-    chunk = max(1, min(n, 8_000_000 // max(correct.size, 1)))
-    out = np.empty(n)
-    layouts: dict[int, tuple] = {}
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        if b - a not in layouts:
-            layouts[b - a] = _replicated_layout(correct, seq_len, b - a)
-        lay, sk = layouts[b - a]
-        lp = np.zeros(b - a)
-        skill_logp_grad(
-            *lay, sk, np.ascontiguousarray(x[a:b].T), gs_mode, lp, np.zeros((n_par, b - a))
-        )
-        out[a:b] = lp
+    x = np.ascontiguousarray(np.asarray(logits, dtype=float).T)
+    seq_len = np.asarray(seq_len, dtype=np.int64)
+    seq_start = np.concatenate([[0], np.cumsum(seq_len)[:-1]]).astype(np.int64)
+    out = np.empty(x.shape[1])
+    points_logp(np.ascontiguousarray(correct, dtype=np.uint8), seq_start, seq_len, x, gs_mode, out)
     return out
 
 

@@ -143,12 +143,30 @@ def _sequences(df, skills):
     return d["correct"].to_numpy().astype(np.uint8), lens, code[starts].astype(np.int64)
 
 
+def _replicated_layout(correct, seq_len, n_rep):
+    """Lockstep layout of one skill's sequences repeated n_rep times, replica
+    r as "skill" r: the production kernel evaluates n_rep points at once (an
+    evaluation independent of modes.skill_loglik_many's point kernel)."""
+    from bktbayes.likelihood import LIKELIHOOD_BLOCK_SIZE
+    from bktbayes.packing import pack_codes
+
+    n_seq, n_obs = seq_len.size, correct.size
+    pk = pack_codes(
+        np.repeat(np.arange(n_seq * n_rep), np.tile(seq_len, n_rep)),
+        np.repeat(np.arange(n_rep), n_obs),
+        np.arange(n_obs * n_rep),
+        np.tile(correct, n_rep),
+        n_skill=n_rep,
+        block_size=LIKELIHOOD_BLOCK_SIZE,
+    )
+    return (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count), pk.seq_skill
+
+
 def _logpost_many(y, lens, x, mu, sd):
     """Log density of one skill's logits given the population, at many
     points x (n_par, n): the kernel on the skill's sequences replicated."""
     from bktbayes.likelihood import skill_logp_grad
     from bktbayes.models import _gs_modes
-    from bktbayes.modes import _replicated_layout
 
     out = np.empty(x.shape[1])
     chunk = 4000

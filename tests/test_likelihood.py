@@ -578,3 +578,50 @@ def test_skill_logits_kernel_matches_the_model_mapping_and_finite_differences(gu
         fd = (run(x + e)[0] - run(x - e)[0]) / (2 * h)
         # Central differences on ~100-nat sums: rounding ~1e-16 * 100 / 1e-6.
         np.testing.assert_allclose(g[k], fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gs_mode", [0, 1, 2])
+@pytest.mark.parametrize("n_par", [4, 5])
+def test_points_logp_equals_the_brute_force_and_the_skill_kernel(gs_mode, n_par):
+    """One set of sequences at many parameter vectors (modes.skill_loglik_many)
+    against brute-force enumeration of hidden paths (short sequences) and the
+    lockstep skill kernel (with a 1,200-response sequence of error runs after
+    mastery, where a cancelling form would lose digits)."""
+    from bktbayes.likelihood import points_logp, skill_logp_grad
+
+    rng = np.random.default_rng(11 + gs_mode + n_par)
+    lens = rng.integers(1, 9, 12)
+    y = rng.integers(0, 2, lens.sum()).astype(np.uint8)
+    starts = np.r_[0, np.cumsum(lens)[:-1]].astype(np.int64)
+    x = rng.normal(0, 1.5, (n_par, 7))
+    out = np.empty(7)
+    points_logp(y, starts, lens.astype(np.int64), x, gs_mode, out)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    for j in range(7):
+        pi, t = sig(x[0, j]), sig(x[1, j])
+        if gs_mode == 0:
+            s_, g = sig(-x[3, j]), sig(x[3, j]) * sig(x[2, j])
+        elif gs_mode == 1:
+            g, s_ = sig(x[2, j]), (1 - sig(x[2, j])) * sig(-x[3, j])
+        else:
+            g, s_ = 0.5 * sig(x[2, j]), 0.5 * sig(x[3, j])
+        f = (1 - t) * sig(x[4, j]) if n_par == 5 else 0.0
+        ref = sum(
+            _brute_force(y[a : a + n], pi, t, g, s_, f) for a, n in zip(starts, lens, strict=True)
+        )
+        assert out[j] == pytest.approx(ref, rel=1e-12, abs=1e-10)
+    # Long sequences: against the lockstep kernel, one "skill" per point.
+    long = np.r_[np.ones(600), np.tile([0, 0, 1, 1, 1], 120)].astype(np.uint8)
+    lens2 = np.array([long.size, 3, 40])
+    y2 = np.r_[long, rng.integers(0, 2, 43)].astype(np.uint8)
+    starts2 = np.r_[0, np.cumsum(lens2)[:-1]].astype(np.int64)
+    out2 = np.empty(7)
+    points_logp(y2, starts2, lens2.astype(np.int64), x, gs_mode, out2)
+    n_pt = x.shape[1]
+    seq = np.repeat(np.arange(3 * n_pt), np.tile(lens2, n_pt))
+    skill = np.repeat(np.arange(n_pt), y2.size)
+    pk = pack_codes(seq, skill, np.arange(seq.size), np.tile(y2, n_pt), n_skill=n_pt,
+                    block_size=LIKELIHOOD_BLOCK_SIZE)  # fmt: skip
+    lp = np.zeros(n_pt)
+    skill_logp_grad(*_layout(pk), pk.seq_skill, x, gs_mode, lp, np.zeros_like(x))
+    np.testing.assert_allclose(out2, lp, rtol=1e-11)
