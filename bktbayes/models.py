@@ -3,7 +3,8 @@
 ``BKTModel(pooling="hierarchical" | "none", forgetting=False,
 student_effects=None | "init" | "init+transit", item_effects=False,
 parametrization="auto" | "centered" | "non_centered",
-guess_slip="ordered" | "ordered_guess_first" | "bounded", priors=None)``
+guess_slip="ordered" | "ordered_guess_first" | "bounded", priors=None,
+item_min_obs=10, collapse_multimodal=True)``
 
 Parameters live on the logit scale. Per skill ``s``:
 
@@ -45,6 +46,15 @@ sequences (for ``init``, informed once per sequence) or
 at least :data:`CENTERED_MIN_LEARNING` expected learning events, since a
 skill whose students mostly start mastered says little about learning
 however many responses it has.
+
+Multimodal skills (``collapse_multimodal=True``, the default, per-skill
+hierarchical models): a skill whose posterior given the population has a
+second mode behind a valley of at least :data:`MODE_JUMP_MIN_VALLEY` nats
+(BKT's identifiability problem; NUTS crosses such valleys too rarely to
+weigh the modes) enters the likelihood with its logits integrated out by
+importance sampling with fixed nodes, and each draw's logits for it are
+then drawn from their conditional given that draw's population
+(:mod:`bktbayes.modes`). Its logits are non-centred.
 """
 
 from __future__ import annotations
