@@ -183,15 +183,9 @@ def _logpost_many(y, lens, x, mu, sd):
 
 
 @pytest.mark.slow
-def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
-    from bktbayes import BKTModel
-    from bktbayes.data import load_events
-    from bktbayes.modes import skill_modes
-
-    df = load_events(BUNDLED / "assistments2009.parquet")
-    m = BKTModel()
-    model = m.build_model(df)
-    table = m.skill_modes()
+def test_skill_modes_finds_volume_spheres_second_mode_and_its_share(volume_sphere):
+    v = volume_sphere
+    table = v["m"].skill_modes()
     vs = table[table["skill"] == "Volume Sphere"].reset_index(drop=True)
     # The two stories of the README's "A second mode": rarely learnt versus
     # learnt at the first attempt, a deep valley apart.
@@ -203,22 +197,9 @@ def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
     # The share against an independent integral: a Riemann sum over a grid
     # in each mode's Laplace-whitened coordinates (spacing 1 sd, +-8 sd), each
     # point counted for the mode nearest in Mahalanobis distance, as the
-    # importance sampler counts its samples.
-    pop = table.attrs["population"]
-    groups = ["init", "transit", "guess", "slip"]
-    mu = np.array([pop["mu"][g] for g in groups])
-    sd = np.array([pop["sd"][g] for g in groups])
-    skills = list(model.coords["skill"])
-    y_all, lens_all, seq_skill = _sequences(df, skills)
-    x0 = np.array([m.fast_estimate()["logits"][g] for g in groups])
-    res = skill_modes(y_all, lens_all, seq_skill, mu, sd, x0, gs_mode=0, n_samples=20000, seed=3)
-    s = skills.index("Volume Sphere")
-    assert res["n_modes"][s] == 2
-    starts = np.r_[0, np.cumsum(lens_all)[:-1]]
-    mine = np.flatnonzero(seq_skill == s)
-    y = np.concatenate([y_all[starts[i] : starts[i] + lens_all[i]] for i in mine])
-    lens = lens_all[mine]
-    modes, covs = res["logits"][s, :2], res["cov"][s, :2]
+    # importance sampler counts its samples; the log density evaluated by
+    # the lockstep kernel on replicated sequences, not the point kernel.
+    modes, covs = v["modes"], v["covs"]
     prec = [np.linalg.inv(c) for c in covs]
     g1 = np.arange(-8.0, 9.0)
     u = np.stack(np.meshgrid(g1, g1, g1, g1, indexing="ij")).reshape(4, -1)
@@ -227,7 +208,7 @@ def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
     for j in range(2):
         chol = np.linalg.cholesky(covs[j])
         x = modes[j][:, None] + chol @ u
-        lp = _logpost_many(y, lens, x, mu, sd)
+        lp = _logpost_many(v["y"], v["lens"], x, v["mu"], v["sd"])
         ref = lp.max() if ref is None else ref
         d = np.stack(
             [
@@ -241,8 +222,8 @@ def test_skill_modes_finds_volume_spheres_second_mode_and_its_share():
     # Importance-sampling error of a share p from an effective sample size n:
     # sd sqrt(p (1 - p) / n); 4 sds (plus 10% of the share for the grid's
     # truncation and spacing) keeps a false alarm below 1e-4.
-    p = res["share"][s, 1]
-    tol = 4 * np.sqrt(p * (1 - p) / res["ess"][s]) + 0.1 * share_grid
+    p = v["share"]
+    tol = 4 * np.sqrt(p * (1 - p) / v["ess"]) + 0.1 * share_grid
     assert abs(p - share_grid) < tol, (p, share_grid, tol)
     assert 0.005 < share_grid < 0.1
 
