@@ -49,7 +49,7 @@ however many responses it has.
 
 Multimodal skills (``collapse_multimodal=True``, the default, per-skill
 hierarchical models): a skill whose posterior given the population has a
-second mode behind a valley of at least :data:`MODE_JUMP_MIN_VALLEY` nats
+second mode behind a valley of at least :data:`COLLAPSE_MIN_VALLEY` nats
 (BKT's identifiability problem; NUTS crosses such valleys too rarely to
 weigh the modes) enters the likelihood with its logits integrated out by
 importance sampling with fixed nodes, and each draw's logits for it are
@@ -117,11 +117,11 @@ CENTERED_MIN_LEARNING = 10.0
 # draws near each mode matched the importance-sampling share within 2
 # points) and Volume Sphere's 4.2 not at all or for hundreds of draws
 # (README, "A second mode").
-MODE_JUMP_MIN_VALLEY = 2.0
+COLLAPSE_MIN_VALLEY = 2.0
 # ... and whose density there is within this many nats of the main mode's
 # (further down, a mode holds a negligible share: "Counting Methods" on the
 # bundled data has one 38 nats down, with no importance weight).
-MODE_MAX_DROP = 12.0
+COLLAPSE_MAX_DROP = 12.0
 #: ... and for item offsets, centred for items with at least this many responses.
 CENTERED_MIN_ITEM_OBS = 200
 #: ... and with item effects, a skill's guess and slip are centred only if it
@@ -283,7 +283,7 @@ class BKTModel:
     collapse_multimodal : bool
         Per-skill hierarchical models: a skill whose posterior, given the
         population, has modes a deep valley apart (at least
-        ``MODE_JUMP_MIN_VALLEY`` nats; :func:`bktbayes.modes.skill_modes` at
+        ``COLLAPSE_MIN_VALLEY`` nats; :func:`bktbayes.modes.skill_modes` at
         the sampler's starting population) is not sampled by NUTS, which
         crosses such valleys rarely. Its logits are integrated out of the
         likelihood by importance sampling with fixed nodes
@@ -909,15 +909,15 @@ class BKTModel:
     def _rest_loglik(self, nat, pf, keep: np.ndarray, ll: np.ndarray) -> None:
         """Pointwise log-likelihood of the sequences not in ``keep``."""
         from .likelihood import LIKELIHOOD_BLOCK_SIZE, draws_logp
+        from .modes import skill_responses
         from .packing import pack_codes
 
         correct, lens, seq_skill = self._sequences()
         rest = np.setdiff1d(np.arange(lens.size), keep)
-        starts = np.r_[0, np.cumsum(lens)[:-1]]
-        y = np.concatenate([correct[starts[i] : starts[i] + lens[i]] for i in rest])
+        y, rest_lens = skill_responses(correct, lens, rest)
         sub = pack_codes(
-            np.repeat(rest, lens[rest]),
-            np.repeat(seq_skill[rest], lens[rest]),
+            np.repeat(rest, rest_lens),
+            np.repeat(seq_skill[rest], rest_lens),
             np.arange(y.size),
             y,
             n_skill=len(self._packed.skills),
@@ -1233,7 +1233,7 @@ class BKTModel:
         """Skills to integrate out (see ``collapse_multimodal``): modes and
         importance-sampling nodes of each, at the sampler's starting
         population."""
-        from .modes import collapse_nodes, skill_modes
+        from .modes import collapse_nodes, skill_modes, skill_responses
 
         cfg = self.config
         groups = cfg.groups
@@ -1253,12 +1253,11 @@ class BKTModel:
             n_samples=0,
         )
         # A second mode counts if a deep valley separates it and it is not
-        # negligible (within MODE_MAX_DROP nats of the main mode's density).
-        minor = (found["valley"][:, 1:] >= MODE_JUMP_MIN_VALLEY) & (
-            found["log_density"][:, 1:] >= found["log_density"][:, :1] - MODE_MAX_DROP
+        # negligible (within COLLAPSE_MAX_DROP nats of the main mode's density).
+        minor = (found["valley"][:, 1:] >= COLLAPSE_MIN_VALLEY) & (
+            found["log_density"][:, 1:] >= found["log_density"][:, :1] - COLLAPSE_MAX_DROP
         )
         skills = np.flatnonzero(np.nan_to_num(minor, nan=0).any(axis=1))
-        starts = np.r_[0, np.cumsum(lens)[:-1]]
         plan: dict[str, Any] = {
             "mask": np.isin(np.arange(n_skill), skills),
             "skills": skills,
@@ -1271,16 +1270,15 @@ class BKTModel:
         }
         for s in skills:
             k = int(found["n_modes"][s])
-            mine = np.flatnonzero(seq_skill == s)
-            y = np.concatenate([correct[starts[i] : starts[i] + lens[i]] for i in mine])
+            y, y_lens = skill_responses(correct, lens, np.flatnonzero(seq_skill == s))
             modes, covs = found["logits"][s, :k], found["cov"][s, :k]
-            nodes, c = collapse_nodes(y, lens[mine], modes, covs, gs_mode=gs, seed=int(s))
+            nodes, c = collapse_nodes(y, y_lens, modes, covs, gs_mode=gs, seed=int(s))
             plan["valley"].append(float(np.nanmax(found["valley"][s])))
             plan["modes"].append(modes)
             plan["covs"].append(covs)
             plan["nodes"].append(nodes)
             plan["c"].append(c)
-            plan["data"].append((y, lens[mine]))
+            plan["data"].append((y, y_lens))
         return plan
 
     def _draw_collapsed(self, idata, seed: int | None):
@@ -1288,7 +1286,7 @@ class BKTModel:
         posterior given that draw's population: a node resampled by its
         importance weight, then 20 independence Metropolis steps (exact for
         the conditional whatever the start); returns the updated DataTree."""
-        from .modes import mode_jumps
+        from .modes import mode_jumps, nearest_mode
 
         cfg = self.config
         groups = cfg.groups
@@ -1328,11 +1326,7 @@ class BKTModel:
             )
             for i, g in enumerate(groups):
                 logit[g][:, s] = x[:, i]
-            d = [
-                np.einsum("ni,ij,nj->n", x - m, np.linalg.inv(cv), x - m)
-                for m, cv in zip(modes, covs, strict=True)
-            ]
-            share = np.bincount(np.argmin(d, axis=0), minlength=len(modes)) / n
+            share = np.bincount(nearest_mode(x, modes, covs), minlength=len(modes)) / n
             self.fit_info["collapsed"][str(self._packed.skills[s])].update(
                 modes=len(modes), share_of_draws=share.tolist(), accept=float(acc.mean())
             )
@@ -1379,7 +1373,7 @@ class BKTModel:
             the importance samples behind the shares) and the natural
             parameters at the mode. Empty if every skill has one.
         """
-        from .modes import skill_modes
+        from .modes import nearest_mode, skill_modes
 
         cfg = self.config
         if cfg.student_effects or cfg.item_effects:
@@ -1430,16 +1424,8 @@ class BKTModel:
                 x = np.stack(
                     [post[f"{g}_logit"].isel(skill=s).values.ravel() for g in groups], axis=1
                 )
-                d = [
-                    np.einsum(
-                        "ni,ij,nj->n",
-                        x - res["logits"][s, j],
-                        np.linalg.inv(res["cov"][s, j]),
-                        x - res["logits"][s, j],
-                    )
-                    for j in range(k)
-                ]
-                fit_share = np.bincount(np.argmin(d, axis=0), minlength=k) / x.shape[0]
+                near = nearest_mode(x, res["logits"][s, :k], res["cov"][s, :k])
+                fit_share = np.bincount(near, minlength=k) / x.shape[0]
             # A mode counts if the posterior or the fit puts weight on it.
             keep = (res["share"][s, :k] >= min_share) | (fit_share >= min_share)
             keep[0] = True

@@ -22,7 +22,51 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["collapse_nodes", "mode_jumps", "skill_loglik_many", "skill_modes"]
+__all__ = [
+    "collapse_nodes",
+    "mode_jumps",
+    "nearest_mode",
+    "skill_loglik_many",
+    "skill_modes",
+    "skill_responses",
+]
+
+
+def skill_responses(
+    correct: np.ndarray, seq_len: np.ndarray, seqs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The responses and lengths of the sequences ``seqs``.
+
+    Parameters
+    ----------
+    correct : uint8 array, shape (n_obs,)
+        Responses, sequence after sequence.
+    seq_len : int64 array, shape (n_seqs,)
+    seqs : int array
+        Indices of the sequences wanted, in the order wanted.
+
+    Returns
+    -------
+    y : uint8 array, shape (sum of their lengths,)
+    lens : int64 array, shape (len(seqs),)
+    """
+    seq_len = np.asarray(seq_len, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(seq_len)[:-1]])
+    lens = seq_len[seqs]
+    idx = np.repeat(starts[seqs] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+    return np.asarray(correct)[idx], lens
+
+
+def nearest_mode(x: np.ndarray, modes: np.ndarray, covs: np.ndarray) -> np.ndarray:
+    """Index of the mode nearest each point in Mahalanobis distance.
+
+    ``x`` (n, n_par); ``modes`` (k, n_par); ``covs`` (k, n_par, n_par).
+    """
+    d = [
+        np.einsum("ni,ij,nj->n", x - m, np.linalg.inv(c), x - m)
+        for m, c in zip(modes, covs, strict=True)
+    ]
+    return np.argmin(d, axis=0)
 
 
 def _valley(y, lens, modes: np.ndarray, log_density: np.ndarray, gs_mode: int, prior) -> np.ndarray:
@@ -180,22 +224,16 @@ def skill_modes(
     ess = np.full(n_skill, np.nan)
     valley = np.full((n_skill, k_max), np.nan)
     rng = np.random.default_rng(seed)
-    seq_start = np.concatenate([[0], np.cumsum(seq_len)[:-1]])
     for s in np.flatnonzero(n_modes >= 2):
         k = n_modes[s]
         if n_samples <= 0:
-            mine = np.flatnonzero(seq_skill == s)
-            y = np.concatenate([correct[seq_start[i] : seq_start[i] + seq_len[i]] for i in mine])
-            valley[s, 1:k] = _valley(
-                y, seq_len[mine], logits[s, :k], log_density[s, :k], gs_mode, prior
-            )
+            y, lens = skill_responses(correct, seq_len, np.flatnonzero(seq_skill == s))
+            valley[s, 1:k] = _valley(y, lens, logits[s, :k], log_density[s, :k], gs_mode, prior)
             continue
         rvs, logq_fn = _t_mixture(logits[s, :k], covs[s, :k], 4.0, 2.0)
         z = rvs(n_samples, rng)
         logq = logq_fn(z)
-        mine = np.flatnonzero(seq_skill == s)
-        lens = seq_len[mine]
-        y = np.concatenate([correct[seq_start[i] : seq_start[i] + seq_len[i]] for i in mine])
+        y, lens = skill_responses(correct, seq_len, np.flatnonzero(seq_skill == s))
         lp = skill_loglik_many(y, lens, z, gs_mode=gs_mode) + prior(z)
         # The lowest point of the straight segment from the main mode to
         # each other one: how deep a valley a chain must cross (the best
@@ -205,15 +243,7 @@ def skill_modes(
         w = np.exp(lw - lw.max())
         w /= w.sum()
         ess[s] = 1.0 / np.sum(w**2)
-        maha = np.stack(
-            [
-                np.einsum(
-                    "ni,ij,nj->n", z - logits[s, j], np.linalg.inv(covs[s, j]), z - logits[s, j]
-                )
-                for j in range(k)
-            ]
-        )
-        near = np.argmin(maha, axis=0)
+        near = nearest_mode(z, logits[s, :k], covs[s, :k])
         share[s, :k] = np.bincount(near, weights=w, minlength=k)
     return {
         "n_modes": n_modes,

@@ -430,3 +430,22 @@ def test_a_fit_collapses_volume_sphere_and_keeps_its_draws_consistent(volume_sph
         ref = skill_loglik_many(volume_sphere["y"], volume_sphere["lens"], x, gs_mode=0)[0]
         got = float(ll.sel(chain=chain, draw=draw, **{dim: mine}).sum())
         assert got == pytest.approx(ref, rel=1e-10, abs=1e-8)
+
+
+def test_skill_responses_and_nearest_mode():
+    from bktbayes.modes import nearest_mode, skill_responses
+
+    rng = np.random.default_rng(3)
+    lens = rng.integers(1, 6, 9)
+    y = rng.integers(0, 2, lens.sum()).astype(np.uint8)
+    starts = np.r_[0, np.cumsum(lens)[:-1]]
+    seqs = np.array([7, 2, 4])
+    got, got_lens = skill_responses(y, lens, seqs)
+    np.testing.assert_array_equal(
+        got, np.concatenate([y[starts[i] : starts[i] + lens[i]] for i in seqs])
+    )
+    np.testing.assert_array_equal(got_lens, lens[seqs])
+    # Mahalanobis, not Euclidean: a wide mode far away can be the nearer.
+    modes = np.array([[0.0, 0.0], [3.0, 0.0]])
+    covs = np.array([np.eye(2) * 0.01, np.eye(2) * 25.0])
+    assert list(nearest_mode(np.array([[0.05, 0.0], [1.0, 0.0]]), modes, covs)) == [0, 1]
