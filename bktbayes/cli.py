@@ -562,12 +562,15 @@ def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float
             "export below is forced and says so in its metadata"
         )
     modes = model.skill_modes()
+    collapsed = model.fit_info.get("collapsed", {})
     for skill, grp in modes.groupby("skill", sort=False):
         minor = grp.iloc[1:]
+        how = "collapsed, drawn given the population" if skill in collapsed else "NUTS"
         print(
             f"   {skill!r} has {len(grp)} modes given the population: the others hold "
             f"{minor['share'].sum():.1%} of its posterior and {minor['fit_share'].sum():.1%} of "
-            f"the draws (valley {minor['valley'].max():.1f} nats; bktbayes.BKTModel.skill_modes)"
+            f"the draws (valley {minor['valley'].max():.1f} nats; {how}; "
+            "bktbayes.BKTModel.skill_modes)"
         )
     model.save(outdir / "fit")
     try:
