@@ -541,10 +541,13 @@ class BKTModel:
                     "p_forget", (1.0 - p_tr_s) * pm.math.sigmoid(logits["forget"]), dims="skill"
                 )
 
-            init_seq_logit = logits["init"][seq_skill]
-            tr_seq_logit = logits["transit"][seq_skill]
+            # Indices as graph constants: PyTensor's indexing walks a numpy
+            # index element by element looking for booleans (0.8 s here).
+            sk_idx = pt.as_tensor_variable(seq_skill)
+            init_seq_logit = logits["init"][sk_idx]
+            tr_seq_logit = logits["transit"][sk_idx]
             if cfg.student_effects:
-                seq_user = pk.seq_user
+                seq_user = pt.as_tensor_variable(pk.seq_user)
                 s_init = pm.HalfNormal(
                     "sigma_student_init", self.prior("sigma_student_init")["sigma"]
                 )
@@ -562,14 +565,14 @@ class BKTModel:
                 pi_seq = pm.math.sigmoid(init_seq_logit)
                 pt_seq = pm.math.sigmoid(tr_seq_logit)
                 f_seq = (
-                    (1.0 - pt_seq) * pm.math.sigmoid(logits["forget"][seq_skill])
+                    (1.0 - pt_seq) * pm.math.sigmoid(logits["forget"][sk_idx])
                     if cfg.forgetting
                     else None
                 )
             else:
-                pi_seq = p_init_s[seq_skill]
-                pt_seq = p_tr_s[seq_skill]
-                f_seq = f_s[seq_skill] if cfg.forgetting else None
+                pi_seq = p_init_s[sk_idx]
+                pt_seq = p_tr_s[sk_idx]
+                f_seq = f_s[sk_idx] if cfg.forgetting else None
             if cfg.item_effects:
                 it = self._items
                 sig_g = pm.HalfNormal("sigma_item_guess", self.prior("sigma_item_guess")["sigma"])
@@ -603,7 +606,7 @@ class BKTModel:
                     it_pad = _padded(pk, self._items["row_item"])[0]
                     g_arg, s_arg = g_i[it_pad], s_i[it_pad]
                 else:
-                    g_arg, s_arg = g_s[seq_skill], s_s[seq_skill]
+                    g_arg, s_arg = g_s[sk_idx], s_s[sk_idx]
                 total = scan_loglik(y_pad, m_pad, pi_seq, pt_seq, g_arg, s_arg, f_seq).sum()
             elif cfg.item_effects:
                 # Guess and slip per response: the item Op (backward adjoints).
@@ -616,7 +619,7 @@ class BKTModel:
                 # student Op; kept for tests and the benchmark).
                 data = layout_inputs(pk)
                 total = bkt_loglik(
-                    data, pi_seq, pt_seq, g_s[seq_skill], s_s[seq_skill], f_seq
+                    data, pi_seq, pt_seq, g_s[sk_idx], s_s[sk_idx], f_seq
                 ).sum()
             elif cfg.student_effects:
                 # Parameters differ per sequence: the student Op gathers to
