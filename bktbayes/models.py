@@ -618,9 +618,7 @@ class BKTModel:
                 # PyTensor gathering and scattering (the reference for the
                 # student Op; kept for tests and the benchmark).
                 data = layout_inputs(pk)
-                total = bkt_loglik(
-                    data, pi_seq, pt_seq, g_s[sk_idx], s_s[sk_idx], f_seq
-                ).sum()
+                total = bkt_loglik(data, pi_seq, pt_seq, g_s[sk_idx], s_s[sk_idx], f_seq).sum()
             elif cfg.student_effects:
                 # Parameters differ per sequence: the student Op gathers to
                 # sequences and scatters the gradient to skills and students
