@@ -12,7 +12,9 @@ Data look like real data: geometric sequence lengths with mean 20, 20
 skills, users practising 10 skills each, 50 items per skill drawn uniformly,
 rows in arbitrary order.
 
-Run: ``.venv/bin/python benchmarks/bench_likelihood.py [--events N]``
+Run: ``.venv/bin/python benchmarks/bench_likelihood.py [--events N]``; with
+``--bundled``, the base model and the prefix kernel's parts on the bundled
+data (log-density and gradient per call).
 """
 
 from __future__ import annotations
@@ -84,13 +86,65 @@ def time_fn(f, args, repeat: int) -> float:
     return best
 
 
+def bundled(repeat: int, rounds: int) -> None:
+    """The base model's log-density and gradient on the bundled data (prefix
+    trie), and the prefix kernel's two parts: the trie alone and the
+    suffixes alone (lockstep from fixed start states)."""
+    from bktbayes.data import load_events
+    from bktbayes.likelihood import prefix_total_logp_grad, skill_total_logp_grad
+
+    df = load_events("data/assistments2009.parquet")
+    m = BKTModel()
+    f, a = compiled_logp_dlogp(m.build_model(df), "NUMBA")
+    lay, n_skill = m._prefix, len(m._packed.skills)
+    sp = lay.suffix
+    rng = np.random.default_rng(0)
+    prm = [rng.uniform(0.1, 0.4, n_skill) for _ in range(4)]
+    g = np.zeros((5, n_skill))
+    trie = (lay.node_parent, lay.node_skill, lay.node_y, lay.node_w)
+    suf = (sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count)
+    no_suffix = np.zeros(0, dtype=lay.suf_node.dtype)
+    start = np.tile(np.array([0.3, 0.7, 1.0, 0.0, 0.0, 0.0, 0.0])[:, None], (1, lay.suf_node.size))
+    parts = {
+        "model logp + gradient (NUMBA)": (f, a),
+        "prefix kernel": (
+            prefix_total_logp_grad,
+            (*trie, *suf, lay.suf_node, lay.suf_skill, *prm, None, g),
+        ),
+        "  trie alone": (
+            prefix_total_logp_grad,
+            (*trie, *suf, no_suffix, lay.suf_skill, *prm, None, g),
+        ),
+        "  suffixes alone": (
+            skill_total_logp_grad,
+            (*suf, lay.suf_skill, *prm, None, g, start),
+        ),
+    }
+    best = dict.fromkeys(parts, np.inf)
+    for _ in range(rounds):
+        for k, (fn, args) in parts.items():
+            best[k] = min(best[k], time_fn(fn, args, max(repeat // rounds, 1)))
+    print(
+        f"bundled data: {len(df):,} responses; trie {lay.node_parent.size:,} nodes "
+        f"(depth {lay.depth}), suffixes {sp.n_events:,} responses; best call over {rounds} rounds"
+    )
+    for k, t in best.items():
+        print(f"{k:<32} {t * 1e3:6.3f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--scan-events", type=int, default=50_000)
     ap.add_argument("--repeat", type=int, default=30, help="timed calls per variant in all")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the variants")
+    ap.add_argument(
+        "--bundled", action="store_true", help="the bundled data's model and prefix kernel parts"
+    )
     args = ap.parse_args()
+    if args.bundled:
+        bundled(max(args.repeat, 200), args.rounds)
+        return
     df = make_events(args.events)
     small = make_events(args.scan_events, seed=2)
     n = len(df)
