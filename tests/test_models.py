@@ -331,7 +331,9 @@ def test_prefix_likelihood_equals_lockstep_and_scan_twin(sim, kw):
     sub = df[df["user_id"] < 80]
     ms = {}
     for lk in ("kernel", "lockstep", "scan"):
-        m = BKTModel(**kw)
+        # Whitened skill coordinates (the default with the kernel) are
+        # another parametrisation: tested on their own below.
+        m = BKTModel(**kw, whiten_skills=False)
         m._likelihood = lk
         ms[lk] = m.build_model(sub)
     rng = np.random.default_rng(3)
@@ -342,6 +344,52 @@ def test_prefix_likelihood_equals_lockstep_and_scan_twin(sim, kw):
     for lk in ("kernel", "lockstep"):
         assert ms[lk].compile_logp()(pt_) == pytest.approx(ref, rel=1e-12)
         np.testing.assert_allclose(ms[lk].compile_dlogp()(pt_), gref, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("forgetting", [False, True])
+def test_whitened_skills_are_only_a_reparametrisation(sim, forgetting):
+    """whiten_skills changes the sampler's coordinates, not the model: at
+    any point the log density equals the plain model's at the mapped point
+    plus the constant log-Jacobian, sum over skills of log det L_s."""
+    import pymc as pm
+
+    _, df = sim
+    sub = df[df["user_id"] < 150]
+    mw, mp = BKTModel(forgetting=forgetting), BKTModel(forgetting=forgetting, whiten_skills=False)
+    modw, modp = mw.build_model(sub), mp.build_model(sub)
+    w = mw._whiten
+    assert w is not None and mp._whiten is None
+    n_g = len(mw.config.groups)
+    mapped = w["centered"].all(axis=1)
+    assert mapped.any()
+    # A real map where every group is centred, the identity elsewhere.
+    assert not np.allclose(w["chol"][mapped], np.eye(n_g))
+    np.testing.assert_array_equal(
+        w["chol"][~mapped], np.broadcast_to(np.eye(n_g), (int((~mapped).sum()), n_g, n_g))
+    )
+    zname = modw.rvs_to_values[modw["skill_raw"]].name
+    ip = modw.initial_point()
+    # The sampler's start (the fast estimate's point) is z = 0, and the map
+    # inverts.
+    start = mw._initial_points(mw._fast_estimate_cached())["skill_raw"]
+    tr = modw.rvs_to_transforms[modw["skill_raw"]]
+    np.testing.assert_allclose(tr.forward(start).eval(), 0.0, atol=1e-12)
+    x = np.random.default_rng(4).normal(size=start.shape)
+    np.testing.assert_allclose(tr.backward(tr.forward(x)).eval(), x, atol=1e-10)
+    fw, fp = modw.compile_logp(), modp.compile_logp()
+    const = np.log(np.diagonal(w["chol"], axis1=1, axis2=2)).sum()
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        pw = {k: v + rng.normal(0, 0.5, np.shape(v)) for k, v in ip.items()}
+        raw = w["shift"] + np.einsum("sij,sj->si", w["chol"], pw[zname])
+        pp = {k: v for k, v in pw.items() if k != zname}
+        for i, g in enumerate(mw.config.groups):
+            pp[f"{g}_raw"] = raw[:, i]
+        # Sums of ~1e4 terms of size ~1: rounding well below 1e-8.
+        assert fw(pw) - fp(pp) == pytest.approx(const, abs=1e-8)
+    with modw, pytest.warns(UserWarning, match="Potentials"):
+        prior = pm.sample_prior_predictive(draws=20, random_seed=1)
+    assert prior["prior"]["skill_raw"].shape[-2:] == (sub["skill"].nunique(), n_g)
 
 
 @pytest.mark.parametrize(
