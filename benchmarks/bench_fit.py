@@ -165,7 +165,10 @@ def part_bundled(seed: int, student_effects: str | None = None, **fit_kw) -> Non
     if fit_kw:
         label += f", {fit_kw}"
     report(label, m, timed_fit(m, df, seed, **fit_kw))
-    print(f"  centred skills per group: {m.fit_info['centered']}")
+    print(
+        f"  centred skills per group: {m.fit_info['centered']}; skills whitened: "
+        f"{m.fit_info.get('whitened_skills', 0)}"
+    )
     # Which chains visited the second mode of "Volume Sphere" (see --part mode).
     post = m.idata["posterior"]
     if MODE_SKILL in post["skill"].values:

@@ -548,6 +548,7 @@ class BKTModel:
             ]
         seq_skill = pk.seq_skill
         self.fit_info["centered"] = {}
+        self.fit_info.pop("whitened_skills", None)
         if (
             cfg.collapse_multimodal
             and cfg.pooling == "hierarchical"
@@ -584,6 +585,7 @@ class BKTModel:
                 cm = self._whiten["centered"]
                 for i, g in enumerate(cfg.groups):
                     self.fit_info["centered"][g] = int(cm[:, i].sum())
+                self.fit_info["whitened_skills"] = int(cm.all(axis=1).sum())
                 c = pt.as_tensor_variable(cm.astype("float64"))
                 mu_v = pt.stack([pop[g][0] for g in cfg.groups])
                 sd_v = pt.stack([pop[g][1] for g in cfg.groups])

@@ -359,6 +359,8 @@ def test_whitened_skills_are_only_a_reparametrisation(sim, forgetting):
     modw, modp = mw.build_model(sub), mp.build_model(sub)
     w = mw._whiten
     assert w is not None and mp._whiten is None
+    assert mw.fit_info["whitened_skills"] == int(w["centered"].all(axis=1).sum())
+    assert "whitened_skills" not in mp.fit_info
     n_g = len(mw.config.groups)
     mapped = w["centered"].all(axis=1)
     assert mapped.any()
