@@ -562,31 +562,44 @@ class BKTModel:
             }
 
         self._whiten = None
+        cm = None  # centred (True) or not, per skill and group
+        if cfg.pooling == "hierarchical":
+            cm = np.stack(
+                [self._centered_mask(g, n_seq_skill, n_obs_skill) for g in cfg.groups], axis=1
+            )
+            self.fit_info["centered"] = {g: int(cm[:, i].sum()) for i, g in enumerate(cfg.groups)}
         if (
             cfg.whiten_skills
             and cfg.pooling == "hierarchical"
             and not (cfg.student_effects or cfg.item_effects)
             and self._likelihood == "kernel"
         ):
-            self._whiten = self._whitening(self._initial_points(self._fast_estimate_cached()))
+            self._whiten = self._whitening(self._initial_points(self._fast_estimate_cached()), cm)
+            self.fit_info["whitened_skills"] = int(self._whiten["mapped"].sum())
             coords["group"] = list(cfg.groups)
         with pm.Model(coords=coords) as model:
             logits = {}
             pop: dict[str, tuple] = {}
-            if self._whiten is not None:
-                # One matrix of the skills' sampled variables, so that the
-                # sampler sees each skill's variables whitened together.
-                for g in cfg.groups:
-                    mu_p = self.prior(f"mu_{g}")
-                    pop[g] = (
-                        pm.Normal(f"mu_{g}", mu_p["mu"], mu_p["sigma"]),
-                        pm.HalfNormal(f"sigma_{g}", self.prior(f"sigma_{g}")["sigma"]),
+            raws = {}
+            c = None if cm is None else pt.as_tensor_variable(cm.astype("float64"))
+            # Per skill and group: x ~ N(mu, sigma) where centred, x ~ N(0, 1)
+            # and logit = mu + sigma x elsewhere.
+            for i, g in enumerate(cfg.groups):
+                mu_p = self.prior(f"mu_{g}")
+                if cfg.pooling == "none":
+                    logits[g] = pm.Normal(f"{g}_logit", mu_p["mu"], mu_p["sigma"], dims="skill")
+                    continue
+                mu = pm.Normal(f"mu_{g}", mu_p["mu"], mu_p["sigma"])
+                sigma = pm.HalfNormal(f"sigma_{g}", self.prior(f"sigma_{g}")["sigma"])
+                pop[g] = (mu, sigma)
+                if self._whiten is None:
+                    ci = c[:, i]
+                    raws[g] = pm.Normal(
+                        f"{g}_raw", mu=ci * mu, sigma=ci * sigma + (1.0 - ci), dims="skill"
                     )
-                cm = self._whiten["centered"]
-                for i, g in enumerate(cfg.groups):
-                    self.fit_info["centered"][g] = int(cm[:, i].sum())
-                self.fit_info["whitened_skills"] = int(cm.all(axis=1).sum())
-                c = pt.as_tensor_variable(cm.astype("float64"))
+            if self._whiten is not None:
+                # One matrix of the skills' variables, so that the sampler
+                # moves each skill's variables together, whitened.
                 mu_v = pt.stack([pop[g][0] for g in cfg.groups])
                 sd_v = pt.stack([pop[g][1] for g in cfg.groups])
                 raw_all = pm.Normal(
@@ -597,30 +610,15 @@ class BKTModel:
                     transform=_skill_affine(self._whiten["shift"], self._whiten["chol"]),
                 )
                 for i, g in enumerate(cfg.groups):
-                    raw = pm.Deterministic(f"{g}_raw", raw_all[:, i], dims="skill")
+                    raws[g] = pm.Deterministic(f"{g}_raw", raw_all[:, i], dims="skill")
+            for i, g in enumerate(cfg.groups):
+                if g in raws:
                     mu, sigma = pop[g]
                     logits[g] = pm.Deterministic(
                         f"{g}_logit",
-                        c[:, i] * raw + (1.0 - c[:, i]) * (mu + sigma * raw),
+                        c[:, i] * raws[g] + (1.0 - c[:, i]) * (mu + sigma * raws[g]),
                         dims="skill",
                     )
-            for g in cfg.groups if self._whiten is None else ():
-                mu_p = self.prior(f"mu_{g}")
-                if cfg.pooling == "none":
-                    logits[g] = pm.Normal(f"{g}_logit", mu_p["mu"], mu_p["sigma"], dims="skill")
-                    continue
-                mu = pm.Normal(f"mu_{g}", mu_p["mu"], mu_p["sigma"])
-                sigma = pm.HalfNormal(f"sigma_{g}", self.prior(f"sigma_{g}")["sigma"])
-                pop[g] = (mu, sigma)
-                cmask = self._centered_mask(g, n_seq_skill, n_obs_skill)
-                self.fit_info["centered"][g] = int(cmask.sum())
-                c = pt.as_tensor_variable(cmask.astype("float64"))
-                # One vector, parametrised per skill: x ~ N(mu, sigma) where
-                # centred, x ~ N(0, 1) and logit = mu + sigma x elsewhere.
-                raw = pm.Normal(f"{g}_raw", mu=c * mu, sigma=c * sigma + (1.0 - c), dims="skill")
-                logits[g] = pm.Deterministic(
-                    f"{g}_logit", c * raw + (1.0 - c) * (mu + sigma * raw), dims="skill"
-                )
             p_init_s = pm.Deterministic("p_init", pm.math.sigmoid(logits["init"]), dims="skill")
             p_tr_s = pm.Deterministic("p_transit", pm.math.sigmoid(logits["transit"]), dims="skill")
             if cfg.guess_slip == "ordered":
@@ -877,7 +875,7 @@ class BKTModel:
             pts[f"mu_{g}"] = np.asarray(mu)
             pts[f"sigma_{g}"] = np.asarray(sigma)
             pts[f"{g}_raw"] = np.where(cmask, x, (x - mu) / sigma)
-        if getattr(self, "_whiten", None) is not None:
+        if self._whiten is not None:
             pts["skill_raw"] = np.stack([pts.pop(f"{g}_raw") for g in cfg.groups], axis=1)
         if cfg.student_effects:
             n_user = len(self._packed.users)
@@ -1332,14 +1330,16 @@ class BKTModel:
         correct = self._packed.correct[pk.csr_row[offs + np.arange(int(lens.sum()))]]
         return np.ascontiguousarray(correct, dtype=np.uint8), lens, pk.seq_skill
 
-    def _whitening(self, pts: dict) -> dict[str, np.ndarray]:
+    def _whitening(self, pts: dict, cm: np.ndarray) -> dict[str, np.ndarray]:
         """The per-skill affine map of ``whiten_skills``: at the start
         ``pts`` (per-group ``*_raw``), the Laplace approximation of each
         skill's variables given the starting population (likelihood Hessian
         by finite differences of the exact gradient, its negative part
         dropped; a collapsed skill's likelihood is integrated out, so prior
-        only). Returns ``shift`` (the start), ``chol`` (Cholesky factor of
-        the covariance) and ``centered``, each with a row per skill."""
+        only); ``cm`` says which variables are centred (skill x group).
+        Returns ``shift`` (the start) and ``chol`` (Cholesky factor of the
+        covariance), each with a row per skill, and ``mapped`` (the skills
+        whose map is not the identity)."""
         from .likelihood import skill_logp_grad
 
         cfg = self.config
@@ -1347,9 +1347,6 @@ class BKTModel:
         n_g = len(groups)
         pk = self._packed.packed
         n_skill = len(self._packed.skills)
-        n_seq = np.bincount(pk.seq_skill, minlength=n_skill)
-        n_obs = np.bincount(pk.seq_skill, weights=pk.seq_len, minlength=n_skill)
-        cm = np.stack([self._centered_mask(g, n_seq, n_obs) for g in groups], axis=1)
         mu0 = np.array([float(pts[f"mu_{g}"]) for g in groups])
         sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
         shift = np.stack([np.asarray(pts[f"{g}_raw"], float) for g in groups], axis=1)
@@ -1383,8 +1380,9 @@ class BKTModel:
         # whitened, sparse skills' guess mixed worst: bulk ESS 269-349 on
         # the bundled data, R-hat up to 1.019); the rest keep their own
         # coordinates, scaled by the sampler's mass matrix.
-        chol[~cm.all(axis=1)] = np.eye(n_g)
-        return {"shift": shift, "chol": chol, "centered": cm}
+        mapped = cm.all(axis=1)
+        chol[~mapped] = np.eye(n_g)
+        return {"shift": shift, "chol": chol, "mapped": mapped}
 
     def _collapse_plan(self) -> dict[str, Any]:
         """Skills to integrate out (see ``collapse_multimodal``): modes and
