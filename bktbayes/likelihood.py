@@ -1303,6 +1303,11 @@ def draws_prefix_logp(
     n_nodes = node_parent.shape[0]
     n_suf = suf_node.shape[0]
     n_seqs = out.shape[1]
+    # Unchecked indexing below: a mismatched out would be written past its end.
+    if out.shape[0] != p_init.shape[0]:
+        raise ValueError("draws_prefix_logp: out needs one row per draw (p_init's rows)")
+    if seq_node.shape[0] != n_seqs:
+        raise ValueError("draws_prefix_logp: out needs one column per sequence (seq_node)")
     for d in nb.prange(p_init.shape[0]):
         S = np.empty((n_nodes, 3))  # p, q, cumulative log-likelihood
         for k in range(n_nodes):

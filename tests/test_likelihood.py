@@ -563,6 +563,16 @@ def test_draws_prefix_logp_equals_draws_logp(forgetting, depth):
     )  # fmt: skip
     # The same products, logged at other points: rounding only.
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    # A mismatched output array is an error, not a write past its end.
+    args = (
+        pl.node_parent, pl.node_skill, pl.node_y,
+        sp.lock_correct, sp.block_seq, sp.block_ev, sp.step_ptr, sp.step_count,
+        pl.suf_node, pl.suf_skill, pl.seq_node, pl.suf_seq, *stacked,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="one row per draw"):
+        draws_prefix_logp(*args, np.empty((n_draws - 1, pk.n_seqs)))
+    with pytest.raises(ValueError, match="one column per sequence"):
+        draws_prefix_logp(*args, np.empty((n_draws, pk.n_seqs - 1)))
 
 
 def test_prefix_layout_rejects_bad_input():
