@@ -46,7 +46,6 @@ __all__ = [
     "points_logp",
     "prefix_total_logp_grad",
     "student_total_logp_grad",
-    "weighted_log_sum",
 ]
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
@@ -79,78 +78,6 @@ _DP = 4  # 4..8: d p / d (init, transit, guess, slip, forget)
 _G = 9  # 9..13: d log-likelihood / d (init, transit, guess, slip, forget)
 _PS, _PG, _PT, _PF = 14, 15, 16, 17  # the sequence's slip, guess, transit, forget
 _ROWS = 18
-
-
-# fdlibm's log (e_log.c): x = 2^k (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)),
-# log(1 + f) = f - s (f - R(s)) with s = f / (2 + f); error below 1 ulp.
-_LN2_HI = 6.93147180369123816490e-01
-_LN2_LO = 1.90821492927058770002e-10
-_LG1 = 6.666666666666735130e-01
-_LG2 = 3.999999999940941908e-01
-_LG3 = 2.857142874366239149e-01
-_LG4 = 2.222219843214978396e-01
-_LG5 = 1.818357216161805012e-01
-_LG6 = 1.531383769920937332e-01
-_LG7 = 1.479819860511658591e-01
-_SQRT2_BITS = 0x3FF6A09E667F3BCD
-_MANT_MASK = 0x000FFFFFFFFFFFFF
-_ONE_BITS = 0x3FF0000000000000
-_HALF_BITS = 0x3FE0000000000000
-_TINY = 2.2250738585072014e-308  # smallest normal double
-_HUGE = 1.7976931348623157e308
-
-
-@nb.njit(**{**_JIT, "fastmath": {"contract", "reassoc"}})
-def weighted_log_sum(x, w, scratch):
-    """``sum(w * log(x))``, vectorised.
-
-    libm's ``log`` is a call LLVM cannot vectorise (about 7 ns each inside the
-    prefix trie's loop); this is fdlibm's algorithm on bit fields, which
-    vectorises (under 2 ns per element) and is within 1 ulp of the correctly
-    rounded logarithm. Values that are not positive normal numbers (zero,
-    subnormal, infinite, nan) are summed with libm's ``log`` instead, so the
-    result is what ``sum(w * np.log(x))`` gives up to rounding.
-
-    Parameters
-    ----------
-    x, w : float64 arrays, shape (n,)
-    scratch : float64 array, shape (n,)
-        Overwritten.
-
-    Returns
-    -------
-    float
-    """
-    n = x.shape[0]
-    xi = x.view(np.int64)
-    mi = scratch.view(np.int64)
-    bad = 0
-    for k in range(n):
-        v = x[k]
-        bad += 0 if (v >= _TINY and v <= _HUGE) else 1
-        mant = xi[k] & _MANT_MASK
-        hi = (mant | _ONE_BITS) > _SQRT2_BITS
-        mi[k] = mant | (_HALF_BITS if hi else _ONE_BITS)
-    if bad:
-        total = 0.0
-        for k in range(n):
-            total += w[k] * np.log(x[k])
-        return total
-    total = 0.0
-    for k in range(n):
-        hx = xi[k]
-        hi = ((hx & _MANT_MASK) | _ONE_BITS) > _SQRT2_BITS
-        dk = float((hx >> 52) - 1023 + (1 if hi else 0))
-        f = scratch[k] - 1.0
-        hfsq = 0.5 * f * f
-        s = f / (2.0 + f)
-        z = s * s
-        ww = z * z
-        r = z * (_LG1 + ww * (_LG3 + ww * (_LG5 + ww * _LG7))) + ww * (
-            _LG2 + ww * (_LG4 + ww * _LG6)
-        )
-        total += w[k] * (dk * _LN2_HI - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO)) - f))
-    return total
 
 
 @nb.njit(**_JIT)
@@ -1137,34 +1064,10 @@ def prefix_total_logp_grad(
     # Row per node (7 contiguous values), so a child's gather of its parent's
     # state is one cache line: p, q, d p / d (init, transit, guess, slip, forget).
     S = np.empty((n_nodes, 7))
-    # The steps' likelihoods, logged afterwards in one vectorised pass.
-    lik_k = np.empty(n_nodes)
     out_grad[:] = 0.0
-    if n_nodes == 0:
-        return 0.0
-    # Nodes of a level are ordered by skill: the gradient is summed in
-    # registers over each run of one skill (adding into out_grad[., s] node
-    # by node chains every node to the last through memory).
-    s_cur = node_skill[0]
-    g0 = 0.0
-    g1 = 0.0
-    g2 = 0.0
-    g3 = 0.0
-    g4 = 0.0
+    total = 0.0
     for k in range(n_nodes):
         s = node_skill[k]
-        if s != s_cur:
-            out_grad[0, s_cur] += g0
-            out_grad[1, s_cur] += g1
-            out_grad[2, s_cur] += g2
-            out_grad[3, s_cur] += g3
-            out_grad[4, s_cur] += g4
-            g0 = 0.0
-            g1 = 0.0
-            g2 = 0.0
-            g3 = 0.0
-            g4 = 0.0
-            s_cur = s
         par = node_parent[k]
         if par < 0:
             p = p_init[s]
@@ -1203,12 +1106,12 @@ def prefix_total_logp_grad(
         w = p * q * inv2
         amb = a - bb
         wt = node_w[k]
-        lik_k[k] = lik
+        total += wt * np.log(lik)
         winv = wt * inv
-        g0 += d0 * amb * winv
-        g1 += d1 * amb * winv
-        g2 += (d2 * amb + q * sb) * winv
-        g3 += (d3 * amb + p * sa) * winv
+        out_grad[0, s] += d0 * amb * winv
+        out_grad[1, s] += d1 * amb * winv
+        out_grad[2, s] += (d2 * amb + q * sb) * winv
+        out_grad[3, s] += (d3 * amb + p * sa) * winv
         S[k, 0] = pp * (1.0 - f) + pq * t
         S[k, 1] = pp * f + pq * (1.0 - t)
         S[k, 2] = d0 * r * keep
@@ -1218,15 +1121,8 @@ def prefix_total_logp_grad(
         if p_forget is None:
             S[k, 6] = 0.0
         else:
-            g4 += d4 * amb * winv
+            out_grad[4, s] += d4 * amb * winv
             S[k, 6] = d4 * r * keep - pp
-    out_grad[0, s_cur] += g0
-    out_grad[1, s_cur] += g1
-    out_grad[2, s_cur] += g2
-    out_grad[3, s_cur] += g3
-    if p_forget is not None:
-        out_grad[4, s_cur] += g4
-    total = weighted_log_sum(lik_k, node_w, np.empty(n_nodes))
     n_suf = suf_node.shape[0]
     if n_suf == 0:
         return total

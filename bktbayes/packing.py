@@ -577,12 +577,9 @@ def pack_codes(
 
 
 #: Cost of one prefix-trie node relative to one event of the lockstep kernel
-#: (a trie node is a scalar step with a gather; a lockstep event is one lane
-#: of a vectorised step). Measured on the bundled data: 16 ns per node with
-#: libm's logarithm in the loop, 11 ns since (one vectorised pass of logs,
-#: gradient summed per skill run), against 4.2 ns per suffix event; depths
-#: 6-10 then cost the same within noise. It only sets where the trie stops,
-#: not any result.
+#: (a trie node is a scalar step with a gather, a logarithm and a scatter to
+#: its skill; a lockstep event is one lane of a vectorised step). Measured on
+#: the bundled data; it only sets where the trie stops, not any result.
 PREFIX_NODE_COST = 3.0
 
 
