@@ -549,12 +549,14 @@ class BKTModel:
         seq_skill = pk.seq_skill
         self.fit_info["centered"] = {}
         self.fit_info.pop("whitened_skills", None)
-        if (
-            cfg.collapse_multimodal
-            and cfg.pooling == "hierarchical"
+        # Collapsing and whitening need per-skill parameters (hierarchical,
+        # no student or item effects) and the kernel likelihood.
+        per_skill_kernel = (
+            cfg.pooling == "hierarchical"
             and not (cfg.student_effects or cfg.item_effects)
             and self._likelihood == "kernel"
-        ):
+        )
+        if cfg.collapse_multimodal and per_skill_kernel:
             self._collapse = self._collapse_plan()
             self.fit_info["collapsed"] = {
                 str(pe.skills[s]): {"valley": v}
@@ -568,12 +570,7 @@ class BKTModel:
                 [self._centered_mask(g, n_seq_skill, n_obs_skill) for g in cfg.groups], axis=1
             )
             self.fit_info["centered"] = {g: int(cm[:, i].sum()) for i, g in enumerate(cfg.groups)}
-        if (
-            cfg.whiten_skills
-            and cfg.pooling == "hierarchical"
-            and not (cfg.student_effects or cfg.item_effects)
-            and self._likelihood == "kernel"
-        ):
+        if cfg.whiten_skills and per_skill_kernel:
             self._whiten = self._whitening(self._initial_points(self._fast_estimate_cached()), cm)
             self.fit_info["whitened_skills"] = int(self._whiten["mapped"].sum())
             coords["group"] = list(cfg.groups)
