@@ -243,6 +243,7 @@ class ModelConfig:
     item_min_obs: int = 10
     collapse_multimodal: bool = True
     whiten_skills: bool = True
+    partial_centering: bool = False
 
     def __post_init__(self) -> None:
         if self.pooling not in ("hierarchical", "none"):
@@ -367,6 +368,7 @@ class BKTModel:
         item_min_obs: int = 10,
         collapse_multimodal: bool = True,
         whiten_skills: bool = True,
+        partial_centering: bool = False,
     ) -> None:
         self.config = ModelConfig(
             pooling=pooling,
@@ -379,6 +381,7 @@ class BKTModel:
             item_min_obs=item_min_obs,
             collapse_multimodal=collapse_multimodal,
             whiten_skills=whiten_skills,
+            partial_centering=partial_centering,
         )
         self.idata = None
         self._items: dict[str, np.ndarray] | None = None
@@ -387,6 +390,10 @@ class BKTModel:
         self._prefix = None  # the prefix layout of per-skill models (build_model)
         self._collapse: dict[str, Any] | None = None  # collapsed skills (build_model)
         self._whiten: dict[str, np.ndarray] | None = None  # per-skill affine map (build_model)
+        # Centring weights (skill x group, 1 centred, 0 non-centred) where
+        # some are partial (build_model); None where the mask says all.
+        self._cweights: np.ndarray | None = None
+        self._hess: np.ndarray | None = None  # likelihood Hessian at the start (build_model)
         self._prefix_keep: np.ndarray | None = None
         self._fast = None  # the fast estimate of the packed data (build_model)
         self.diagnostics: dict[str, Any] | None = None
@@ -564,14 +571,26 @@ class BKTModel:
             }
 
         self._whiten = None
+        self._cweights = None
+        self._hess = None
+        self.fit_info.pop("partially_centered", None)
         cm = None  # centred (True) or not, per skill and group
         if cfg.pooling == "hierarchical":
             cm = np.stack(
                 [self._centered_mask(g, n_seq_skill, n_obs_skill) for g in cfg.groups], axis=1
             )
             self.fit_info["centered"] = {g: int(cm[:, i].sum()) for i, g in enumerate(cfg.groups)}
+        if cfg.partial_centering and per_skill_kernel and cfg.parametrization == "auto":
+            self._cweights = self._partial_weights(
+                self._initial_points(self._fast_estimate_cached()), cm
+            )
+            part = (self._cweights > 0.0) & (self._cweights < 1.0)
+            self.fit_info["partially_centered"] = {
+                g: int(part[:, i].sum()) for i, g in enumerate(cfg.groups)
+            }
         if cfg.whiten_skills and per_skill_kernel:
-            self._whiten = self._whitening(self._initial_points(self._fast_estimate_cached()), cm)
+            wts = cm.astype(float) if self._cweights is None else self._cweights
+            self._whiten = self._whitening(self._initial_points(self._fast_estimate_cached()), wts)
             self.fit_info["whitened_skills"] = int(self._whiten["mapped"].sum())
             coords["group"] = list(cfg.groups)
         with pm.Model(coords=coords) as model:
@@ -579,6 +598,9 @@ class BKTModel:
             pop: dict[str, tuple] = {}
             raws = {}
             c = None if cm is None else pt.as_tensor_variable(cm.astype("float64"))
+            cw = None
+            if self._cweights is not None:
+                cw = pt.as_tensor_variable(self._cweights)
             # Per skill and group: x ~ N(mu, sigma) where centred, x ~ N(0, 1)
             # and logit = mu + sigma x elsewhere.
             for i, g in enumerate(cfg.groups):
@@ -589,7 +611,12 @@ class BKTModel:
                 mu = pm.Normal(f"mu_{g}", mu_p["mu"], mu_p["sigma"])
                 sigma = pm.HalfNormal(f"sigma_{g}", self.prior(f"sigma_{g}")["sigma"])
                 pop[g] = (mu, sigma)
-                if self._whiten is None:
+                if self._whiten is None and cw is not None:
+                    wi = cw[:, i]
+                    raws[g] = pm.Normal(
+                        f"{g}_raw", mu=wi * mu, sigma=pt.exp(wi * pt.log(sigma)), dims="skill"
+                    )
+                elif self._whiten is None:
                     ci = c[:, i]
                     raws[g] = pm.Normal(
                         f"{g}_raw", mu=ci * mu, sigma=ci * sigma + (1.0 - ci), dims="skill"
@@ -599,10 +626,14 @@ class BKTModel:
                 # moves each skill's variables together, whitened.
                 mu_v = pt.stack([pop[g][0] for g in cfg.groups])
                 sd_v = pt.stack([pop[g][1] for g in cfg.groups])
+                if cw is None:
+                    r_mu, r_sd = c * mu_v, c * sd_v + (1.0 - c)
+                else:
+                    r_mu, r_sd = cw * mu_v, pt.exp(cw * pt.log(sd_v))
                 raw_all = pm.Normal(
                     "skill_raw",
-                    mu=c * mu_v,
-                    sigma=c * sd_v + (1.0 - c),
+                    mu=r_mu,
+                    sigma=r_sd,
                     dims=("skill", "group"),
                     transform=_skill_affine(self._whiten["shift"], self._whiten["chol"]),
                 )
@@ -611,11 +642,14 @@ class BKTModel:
             for i, g in enumerate(cfg.groups):
                 if g in raws:
                     mu, sigma = pop[g]
-                    logits[g] = pm.Deterministic(
-                        f"{g}_logit",
-                        c[:, i] * raws[g] + (1.0 - c[:, i]) * (mu + sigma * raws[g]),
-                        dims="skill",
-                    )
+                    if cw is None:
+                        lg = c[:, i] * raws[g] + (1.0 - c[:, i]) * (mu + sigma * raws[g])
+                    else:
+                        # Partially centred: raw ~ N(w mu, sigma^w) and
+                        # logit = mu + sigma^(1 - w) (raw - w mu) ~ N(mu, sigma).
+                        wi = cw[:, i]
+                        lg = mu + pt.exp((1.0 - wi) * pt.log(sigma)) * (raws[g] - wi * mu)
+                    logits[g] = pm.Deterministic(f"{g}_logit", lg, dims="skill")
             p_init_s = pm.Deterministic("p_init", pm.math.sigmoid(logits["init"]), dims="skill")
             p_tr_s = pm.Deterministic("p_transit", pm.math.sigmoid(logits["transit"]), dims="skill")
             if cfg.guess_slip == "ordered":
@@ -858,7 +892,7 @@ class BKTModel:
         n_skill = len(self._packed.skills)
         n_seq = np.bincount(pk.seq_skill, minlength=n_skill)
         n_obs = np.bincount(pk.seq_skill, weights=pk.seq_len, minlength=n_skill)
-        for g in cfg.groups:
+        for i, g in enumerate(cfg.groups):
             x = np.asarray(est["logits"][g], dtype=float)
             if cfg.pooling == "none":
                 pts[f"{g}_logit"] = x
@@ -871,7 +905,11 @@ class BKTModel:
             x = np.where(n_obs >= 50, x, mu)
             pts[f"mu_{g}"] = np.asarray(mu)
             pts[f"sigma_{g}"] = np.asarray(sigma)
-            pts[f"{g}_raw"] = np.where(cmask, x, (x - mu) / sigma)
+            if self._cweights is None:
+                pts[f"{g}_raw"] = np.where(cmask, x, (x - mu) / sigma)
+            else:
+                wg = self._cweights[:, i]
+                pts[f"{g}_raw"] = wg * mu + (x - mu) / sigma ** (1.0 - wg)
         if self._whiten is not None:
             pts["skill_raw"] = np.stack([pts.pop(f"{g}_raw") for g in cfg.groups], axis=1)
         if cfg.student_effects:
@@ -1327,29 +1365,32 @@ class BKTModel:
         correct = self._packed.correct[pk.csr_row[offs + np.arange(int(lens.sum()))]]
         return np.ascontiguousarray(correct, dtype=np.uint8), lens, pk.seq_skill
 
-    def _whitening(self, pts: dict, cm: np.ndarray) -> dict[str, np.ndarray]:
-        """The per-skill affine map of ``whiten_skills``: at the start
-        ``pts`` (per-group ``*_raw``), the Laplace approximation of each
-        skill's variables given the starting population (likelihood Hessian
-        by finite differences of the exact gradient, its negative part
-        dropped; a collapsed skill's likelihood is integrated out, so prior
-        only); ``cm`` says which variables are centred (skill x group).
-        Returns ``shift`` (the start) and ``chol`` (Cholesky factor of the
-        covariance), each with a row per skill, and ``mapped`` (the skills
-        whose map is not the identity)."""
-        from .likelihood import skill_logp_grad
-
-        cfg = self.config
-        groups = cfg.groups
-        n_g = len(groups)
-        pk = self._packed.packed
-        n_skill = len(self._packed.skills)
+    def _start_logits(self, pts: dict, wts: np.ndarray) -> np.ndarray:
+        """The skills' logits (skill x group) at the start ``pts``, whose
+        ``*_raw`` are parametrised with centring weights ``wts``."""
+        groups = self.config.groups
         mu0 = np.array([float(pts[f"mu_{g}"]) for g in groups])
         sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
-        shift = np.stack([np.asarray(pts[f"{g}_raw"], float) for g in groups], axis=1)
-        x = np.where(cm, shift, mu0 + sd0 * shift)
+        raw = np.stack([np.asarray(pts[f"{g}_raw"], float) for g in groups], axis=1)
+        if np.isin(wts, (0.0, 1.0)).all():  # the same rounding as the binary model's graph
+            return np.where(wts == 1.0, raw, mu0 + sd0 * raw)
+        return mu0 + sd0 ** (1.0 - wts) * (raw - wts * mu0)
+
+    def _skill_hessian(self, x: np.ndarray) -> np.ndarray:
+        """Minus the likelihood's Hessian in each skill's logits at ``x``
+        (skill x group), by finite differences of the exact gradient, its
+        negative part dropped; zero for collapsed skills (their likelihood is
+        integrated out). Shape (n_skill, n_group, n_group); computed once per
+        build."""
+        if self._hess is not None:
+            return self._hess
+        from .likelihood import skill_logp_grad
+
+        n_g = len(self.config.groups)
+        pk = self._packed.packed
+        n_skill = len(self._packed.skills)
         layout = (pk.lock_correct, pk.block_seq, pk.block_ev, pk.step_ptr, pk.step_count)
-        gs = _gs_modes()[cfg.guess_slip]
+        gs = _gs_modes()[self.config.guess_slip]
 
         def grad(xx):
             lp, gg = np.zeros(n_skill), np.zeros((n_g, n_skill))
@@ -1367,9 +1408,56 @@ class BKTModel:
         hess = np.einsum("sij,sj,skj->sik", u, np.maximum(w, 0.0), u)
         if self._collapse is not None:
             hess[self._collapse["mask"]] = 0.0
-        d = np.where(cm, 1.0, sd0)  # d logit / d raw
+        self._hess = hess
+        return hess
+
+    def _partial_weights(self, pts: dict, cm: np.ndarray) -> np.ndarray:
+        """Centring weights (skill x group) of the ``"auto"`` rule's
+        non-centred variables: ``w`` with ``w sigma^(1 - w) = 1 - v / sigma^2``,
+        ``v`` the Laplace variance of the skill's logit given the starting
+        population (the share of the prior's variance the data remove).
+        In a normal model that ``w`` makes raw and ``mu`` independent a
+        posteriori (Papaspiliopoulos, Roberts and Sköld 2007), so a sparse
+        skill with some data no longer ties ``mu`` to its ``raw``. Centred
+        variables keep weight 1."""
+        groups = self.config.groups
+        sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
+        x = self._start_logits(pts, cm.astype(float))
+        prec = self._skill_hessian(x) + np.eye(len(groups)) / sd0**2
+        v = np.diagonal(np.linalg.inv(prec), axis1=1, axis2=2)
+        kappa = np.clip(1.0 - v / sd0**2, 0.0, 1.0)
+        # w sigma^(1 - w) runs from 0 to 1 on [0, 1]: bisection for the root.
+        lo, hi = np.zeros_like(kappa), np.ones_like(kappa)
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            below = mid * sd0 ** (1.0 - mid) < kappa
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        return np.where(cm, 1.0, 0.5 * (lo + hi))
+
+    def _whitening(self, pts: dict, wts: np.ndarray) -> dict[str, np.ndarray]:
+        """The per-skill affine map of ``whiten_skills``: at the start
+        ``pts`` (per-group ``*_raw``), the Laplace approximation of each
+        skill's variables given the starting population (likelihood Hessian
+        by :meth:`_skill_hessian`; a collapsed skill's likelihood is
+        integrated out, so prior only); ``wts`` are the centring weights
+        (skill x group, 1 centred, 0 non-centred). Returns ``shift`` (the
+        start) and ``chol`` (Cholesky factor of the covariance), each with a
+        row per skill, and ``mapped`` (the skills whose map is not the
+        identity)."""
+        groups = self.config.groups
+        n_g = len(groups)
+        sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
+        shift = np.stack([np.asarray(pts[f"{g}_raw"], float) for g in groups], axis=1)
+        hess = self._skill_hessian(self._start_logits(pts, wts))
+        if np.isin(wts, (0.0, 1.0)).all():
+            cm = wts == 1.0
+            d = np.where(cm, 1.0, sd0)  # d logit / d raw
+            prior_prec = np.where(cm, 1.0 / sd0**2, 1.0)
+        else:
+            d = sd0 ** (1.0 - wts)
+            prior_prec = 1.0 / sd0 ** (2.0 * wts)
         prec = d[:, :, None] * hess * d[:, None, :]
-        prec += np.where(cm, 1.0 / sd0**2, 1.0)[:, :, None] * np.eye(n_g)
+        prec += prior_prec[:, :, None] * np.eye(n_g)
         chol = np.linalg.cholesky(np.linalg.inv(prec))
         # Only skills centred in every group: where a variable is
         # non-centred its scale in the map is the starting population
@@ -1377,7 +1465,7 @@ class BKTModel:
         # whitened, sparse skills' guess mixed worst: bulk ESS 269-349 on
         # the bundled data, R-hat up to 1.019); the rest keep their own
         # coordinates, scaled by the sampler's mass matrix.
-        mapped = cm.all(axis=1)
+        mapped = (wts == 1.0).all(axis=1)
         chol[~mapped] = np.eye(n_g)
         return {"shift": shift, "chol": chol, "mapped": mapped}
 

@@ -395,6 +395,77 @@ def test_whitened_skills_are_only_a_reparametrisation(sim, forgetting):
     assert prior["prior"]["skill_raw"].shape[-2:] == (sub["skill"].nunique(), n_g)
 
 
+def _logit_fn(model, group: str):
+    """A group's skill logits as a function of a point (value variables)."""
+    import pytensor
+
+    (out,) = model.replace_rvs_by_values([model[f"{group}_logit"]])
+    f = pytensor.function(model.value_vars, out, on_unused_input="ignore")
+    return lambda point: f(*(point[v.name] for v in model.value_vars))
+
+
+def test_partial_centering_is_only_a_reparametrisation(sim):
+    """partial_centering gives "auto"'s non-centred variables a weight w in
+    [0, 1]: raw ~ N(w mu, sigma^w), logit = mu + sigma^(1 - w) (raw - w mu).
+    The model in logits is unchanged: at the same logits, population and
+    data, the log density differs from the binary model's by the log-Jacobians
+    alone, sum (1 - w) log sigma against sum over non-centred log sigma."""
+    _, df = sim
+    sub = df[df["user_id"] < 60]  # 60 sequences per skill: none centred for init
+    mq = BKTModel(partial_centering=True, whiten_skills=False)
+    mb = BKTModel(whiten_skills=False)
+    modq, modb = mq.build_model(sub), mb.build_model(sub)
+    groups = mq.config.groups
+    w = mq._cweights
+    assert mb._cweights is None and "partially_centered" not in mb.fit_info
+    n_skill = sub["skill"].nunique()
+    # Weights in [0, 1], 1 exactly where the rule centres; some strictly between.
+    assert w.shape == (n_skill, len(groups))
+    assert ((w >= 0.0) & (w <= 1.0)).all()
+    part = (w > 0.0) & (w < 1.0)
+    assert part.any()
+    assert mq.fit_info["partially_centered"] == {
+        g: int(part[:, i].sum()) for i, g in enumerate(groups)
+    }
+    assert mq.fit_info["centered"] == mb.fit_info["centered"]
+    # Both models' samplers start at the same logits.
+    sq = mq._initial_points(mq._fast_estimate_cached())
+    sb = mb._initial_points(mb._fast_estimate_cached())
+    for i, g in enumerate(groups):
+        mu, sigma, wi = sq[f"mu_{g}"], sq[f"sigma_{g}"], w[:, i]
+        c = wi == 1.0
+        np.testing.assert_allclose(
+            mu + sigma ** (1.0 - wi) * (sq[f"{g}_raw"] - wi * mu),
+            np.where(c, sb[f"{g}_raw"], mu + sigma * sb[f"{g}_raw"]),
+            atol=1e-10,
+        )
+    fq, fb = modq.compile_logp(), modb.compile_logp()
+    ip = modb.initial_point()
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        pb = {k: v + rng.normal(0, 0.4, np.shape(v)) for k, v in ip.items()}
+        pq = dict(pb)
+        const = 0.0
+        for i, g in enumerate(groups):
+            logit = _logit_fn(modb, g)(pb)
+            mu, sigma = pb[f"mu_{g}"], np.exp(pb[f"sigma_{g}_log__"])
+            pq[f"{g}_raw"] = w[:, i] * mu + (logit - mu) / sigma ** (1.0 - w[:, i])
+            centred = w[:, i] == 1.0
+            const += np.sum((1.0 - w[:, i]) * np.log(sigma)) - np.sum(~centred) * np.log(sigma)
+        for g in groups:
+            np.testing.assert_allclose(
+                _logit_fn(modq, g)(pq),
+                _logit_fn(modb, g)(pb),
+                atol=1e-10,
+            )
+        # Sums of ~1e4 terms of size ~1: rounding well below 1e-8.
+        assert fq(pq) - fb(pb) == pytest.approx(const, abs=1e-8)
+    # With whitening, the map is the identity unless every weight is 1.
+    mw = BKTModel(partial_centering=True)
+    mw.build_model(sub)
+    np.testing.assert_array_equal(mw._whiten["mapped"], (mw._cweights == 1.0).all(axis=1))
+
+
 @pytest.mark.parametrize(
     "kw", [{"student_effects": "init"}, {"student_effects": "init+transit", "forgetting": True}]
 )
