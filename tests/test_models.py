@@ -276,6 +276,12 @@ def test_save_and_load(fitted, tmp_path):
     meta["format_version"] = 1
     meta_path.write_text(json.dumps(meta))
     assert BKTModel.load(path).config.guess_slip == "ordered_guess_first"
+    # A folder written before partial centring holds the binary rule's draws.
+    assert back.config.partial_centering
+    del meta["config"]["partial_centering"]
+    meta["format_version"] = 2
+    meta_path.write_text(json.dumps(meta))
+    assert not BKTModel.load(path).config.partial_centering
     meta["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version"):
@@ -404,16 +410,27 @@ def _logit_fn(model, group: str):
     return lambda point: f(*(point[v.name] for v in model.value_vars))
 
 
-def test_partial_centering_is_only_a_reparametrisation(sim):
+def test_partial_centering_is_only_a_reparametrisation(sim, monkeypatch):
     """partial_centering gives "auto"'s non-centred variables a weight w in
     [0, 1]: raw ~ N(w mu, sigma^w), logit = mu + sigma^(1 - w) (raw - w mu).
     The model in logits is unchanged: at the same logits, population and
     data, the log density differs from the binary model's by the log-Jacobians
     alone, sum (1 - w) log sigma against sum over non-centred log sigma."""
+    import bktbayes.models as models
+
     _, df = sim
     sub = df[df["user_id"] < 60]  # 60 sequences per skill: none centred for init
+    # 8 skills determine the population scales too loosely (sd of log sigma
+    # >= 1 / sqrt(16)): the binary rule, the very same model, is kept.
+    m8, m8b = BKTModel(whiten_skills=False), BKTModel(whiten_skills=False, partial_centering=False)
+    mod8, mod8b = m8.build_model(sub), m8b.build_model(sub)
+    assert m8._cweights is None and "partially_centered" not in m8.fit_info
+    ip = mod8b.initial_point()
+    assert mod8.compile_logp()(ip) == mod8b.compile_logp()(ip)
+    # Lift the guard to test the weights on these data.
+    monkeypatch.setattr(models, "PARTIAL_MAX_SD_LOG_SIGMA", np.inf)
     mq = BKTModel(partial_centering=True, whiten_skills=False)
-    mb = BKTModel(whiten_skills=False)
+    mb = BKTModel(whiten_skills=False, partial_centering=False)
     modq, modb = mq.build_model(sub), mb.build_model(sub)
     groups = mq.config.groups
     w = mq._cweights
@@ -428,16 +445,13 @@ def test_partial_centering_is_only_a_reparametrisation(sim):
         g: int(part[:, i].sum()) for i, g in enumerate(groups)
     }
     assert mq.fit_info["centered"] == mb.fit_info["centered"]
-    # Both models' samplers start at the same logits.
+    # The sampler starts at each skill's mode given the starting population.
     sq = mq._initial_points(mq._fast_estimate_cached())
-    sb = mb._initial_points(mb._fast_estimate_cached())
+    modes = mq._start_modes()["logits"][:, 0]
     for i, g in enumerate(groups):
         mu, sigma, wi = sq[f"mu_{g}"], sq[f"sigma_{g}"], w[:, i]
-        c = wi == 1.0
         np.testing.assert_allclose(
-            mu + sigma ** (1.0 - wi) * (sq[f"{g}_raw"] - wi * mu),
-            np.where(c, sb[f"{g}_raw"], mu + sigma * sb[f"{g}_raw"]),
-            atol=1e-10,
+            mu + sigma ** (1.0 - wi) * (sq[f"{g}_raw"] - wi * mu), modes[:, i], atol=1e-10
         )
     fq, fb = modq.compile_logp(), modb.compile_logp()
     ip = modb.initial_point()
@@ -460,10 +474,21 @@ def test_partial_centering_is_only_a_reparametrisation(sim):
             )
         # Sums of ~1e4 terms of size ~1: rounding well below 1e-8.
         assert fq(pq) - fb(pb) == pytest.approx(const, abs=1e-8)
-    # With whitening, the map is the identity unless every weight is 1.
+    # With whitening every skill is mapped, by the Laplace covariance at its
+    # mode in raw coordinates; the start is z = 0.
     mw = BKTModel(partial_centering=True)
-    mw.build_model(sub)
-    np.testing.assert_array_equal(mw._whiten["mapped"], (mw._cweights == 1.0).all(axis=1))
+    modw = mw.build_model(sub)
+    assert mw._whiten["mapped"].all()
+    d = np.array([sq[f"sigma_{g}"] for g in groups]) ** (1.0 - w)
+    chol = mw._whiten["chol"]
+    np.testing.assert_allclose(
+        np.einsum("sij,skj->sik", chol, chol) * d[:, :, None] * d[:, None, :],
+        mq._start_modes()["cov"][:, 0],
+        rtol=1e-10,
+    )
+    start = mw._initial_points(mw._fast_estimate_cached())["skill_raw"]
+    tr = modw.rvs_to_transforms[modw["skill_raw"]]
+    np.testing.assert_allclose(tr.forward(start).eval(), 0.0, atol=1e-12)
 
 
 @pytest.mark.parametrize(
