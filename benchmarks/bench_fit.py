@@ -166,7 +166,8 @@ def part_bundled(seed: int, student_effects: str | None = None, **fit_kw) -> Non
         label += f", {fit_kw}"
     report(label, m, timed_fit(m, df, seed, **fit_kw))
     print(
-        f"  centred skills per group: {m.fit_info['centered']}; skills whitened: "
+        f"  centred skills per group: {m.fit_info['centered']}; partially centred: "
+        f"{m.fit_info.get('partially_centered', 'none (binary rule)')}; skills whitened: "
         f"{m.fit_info.get('whitened_skills', 0)}"
     )
     # Which chains visited the second mode of "Volume Sphere" (see --part mode).
