@@ -378,8 +378,8 @@ class BKTModel:
         population and whiten every skill. Applies only where at least 13
         skills determine the population scales well; otherwise the binary
         rule's model. On the bundled data the population means' bulk ESS
-        rose from 430-900 to 3,500-5,000 and the skills' tenth-percentile
-        ESS by 40-80% (README, "Partial centring").
+        rose from 580-2,790 to 3,450-5,070 and the skills' tenth-percentile
+        ESS by 30-80% (README, "Partial centring").
 
     Examples
     --------
