@@ -425,7 +425,6 @@ class BKTModel:
         # Centring weights (skill x group, 1 centred, 0 non-centred) where
         # some are partial (build_model); None where the mask says all.
         self._cweights: np.ndarray | None = None
-        self._hess: np.ndarray | None = None  # likelihood Hessian at the start (build_model)
         self._modes0: dict | None = None  # skills' modes given the starting population
         self._start_cov: np.ndarray | None = None  # Laplace covariances there (partial centring)
         self._prefix_keep: np.ndarray | None = None
@@ -606,7 +605,6 @@ class BKTModel:
 
         self._whiten = None
         self._cweights = None
-        self._hess = None
         self._modes0 = None
         self._start_cov = None
         self.fit_info.pop("partially_centered", None)
@@ -617,12 +615,10 @@ class BKTModel:
             )
             self.fit_info["centered"] = {g: int(cm[:, i].sum()) for i, g in enumerate(cfg.groups)}
         if cfg.partial_centering and per_skill_kernel and cfg.parametrization == "auto":
-            wts = self._partial_weights(self._initial_points(self._fast_estimate_cached()), cm)
-            if wts is None:
-                self._start_cov = None
-            else:
-                self._cweights = wts
-                part = (wts > 0.0) & (wts < 1.0)
+            found = self._partial_weights(self._initial_points(self._fast_estimate_cached()), cm)
+            if found is not None:
+                self._cweights, self._start_cov = found
+                part = (self._cweights > 0.0) & (self._cweights < 1.0)
                 self.fit_info["partially_centered"] = {
                     g: int(part[:, i].sum()) for i, g in enumerate(cfg.groups)
                 }
@@ -1412,25 +1408,11 @@ class BKTModel:
         correct = self._packed.correct[pk.csr_row[offs + np.arange(int(lens.sum()))]]
         return np.ascontiguousarray(correct, dtype=np.uint8), lens, pk.seq_skill
 
-    def _start_logits(self, pts: dict, wts: np.ndarray) -> np.ndarray:
-        """The skills' logits (skill x group) at the start ``pts``, whose
-        ``*_raw`` are parametrised with centring weights ``wts``."""
-        groups = self.config.groups
-        mu0 = np.array([float(pts[f"mu_{g}"]) for g in groups])
-        sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
-        raw = np.stack([np.asarray(pts[f"{g}_raw"], float) for g in groups], axis=1)
-        if np.isin(wts, (0.0, 1.0)).all():  # the same rounding as the binary model's graph
-            return np.where(wts == 1.0, raw, mu0 + sd0 * raw)
-        return mu0 + sd0 ** (1.0 - wts) * (raw - wts * mu0)
-
     def _skill_hessian(self, x: np.ndarray) -> np.ndarray:
         """Minus the likelihood's Hessian in each skill's logits at ``x``
         (skill x group), by finite differences of the exact gradient, its
         negative part dropped; zero for collapsed skills (their likelihood is
-        integrated out). Shape (n_skill, n_group, n_group); computed once per
-        build."""
-        if self._hess is not None:
-            return self._hess
+        integrated out). Shape (n_skill, n_group, n_group)."""
         from .likelihood import skill_logp_grad
 
         n_g = len(self.config.groups)
@@ -1455,10 +1437,9 @@ class BKTModel:
         hess = np.einsum("sij,sj,skj->sik", u, np.maximum(w, 0.0), u)
         if self._collapse is not None:
             hess[self._collapse["mask"]] = 0.0
-        self._hess = hess
         return hess
 
-    def _partial_weights(self, pts: dict, cm: np.ndarray) -> np.ndarray | None:
+    def _partial_weights(self, pts: dict, cm: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Centring weights (skill x group) of the ``"auto"`` rule's
         non-centred variables: ``w`` with ``w sigma^(1 - w) = 1 - v / sigma^2``,
         ``v`` the Laplace variance of the skill's logit at its mode given the
@@ -1467,7 +1448,9 @@ class BKTModel:
         independent a posteriori (Papaspiliopoulos, Roberts and Sköld 2007),
         so a sparse skill with some data no longer ties ``mu`` to its
         ``raw``. Centred variables keep weight 1; collapsed skills get 0.
-        Also sets the Laplace covariances the whitening map uses.
+        Returns the weights and those Laplace covariances (skill x group x
+        group; the prior's for collapsed skills), which the whitening map
+        uses.
 
         ``None`` (keep the binary rule) where no weight is strictly between
         0 and 1, or unless every group's population
@@ -1484,7 +1467,6 @@ class BKTModel:
         if self._collapse is not None:
             prior_only |= self._collapse["mask"]
         cov[prior_only] = np.diag(sd0**2)
-        self._start_cov = cov
         v = np.diagonal(cov, axis1=1, axis2=2)
         kappa = np.clip(1.0 - v / sd0**2, 0.0, 1.0)
         # In the normal model each skill carries Fisher information
@@ -1501,7 +1483,7 @@ class BKTModel:
         w[prior_only] = np.where(cm[prior_only], 1.0, 0.0)
         if not ((w > 0.0) & (w < 1.0)).any():
             return None  # nothing partial: the binary rule's model as it is
-        return w.reshape(-1, n_g)
+        return w.reshape(-1, n_g), cov
 
     def _whitening(self, pts: dict, wts: np.ndarray) -> dict[str, np.ndarray]:
         """The per-skill affine map of ``whiten_skills``: at the start
@@ -1529,16 +1511,13 @@ class BKTModel:
                 mapped &= ~self._collapse["mask"]
             chol[~mapped] = np.eye(n_g)
             return {"shift": shift, "chol": chol, "mapped": mapped}
-        hess = self._skill_hessian(self._start_logits(pts, wts))
-        if np.isin(wts, (0.0, 1.0)).all():
-            cm = wts == 1.0
-            d = np.where(cm, 1.0, sd0)  # d logit / d raw
-            prior_prec = np.where(cm, 1.0 / sd0**2, 1.0)
-        else:
-            d = sd0 ** (1.0 - wts)
-            prior_prec = 1.0 / sd0 ** (2.0 * wts)
+        # The binary rule: the likelihood's Hessian at the start.
+        cm = wts == 1.0
+        mu0 = np.array([float(pts[f"mu_{g}"]) for g in groups])
+        hess = self._skill_hessian(np.where(cm, shift, mu0 + sd0 * shift))
+        d = np.where(cm, 1.0, sd0)  # d logit / d raw
         prec = d[:, :, None] * hess * d[:, None, :]
-        prec += prior_prec[:, :, None] * np.eye(n_g)
+        prec += np.where(cm, 1.0 / sd0**2, 1.0)[:, :, None] * np.eye(n_g)
         chol = np.linalg.cholesky(np.linalg.inv(prec))
         # Only skills centred in every group: where a variable is
         # non-centred its scale in the map is the starting population
@@ -1546,7 +1525,7 @@ class BKTModel:
         # whitened, sparse skills' guess mixed worst: bulk ESS 269-349 on
         # the bundled data, R-hat up to 1.019); the rest keep their own
         # coordinates, scaled by the sampler's mass matrix.
-        mapped = (wts == 1.0).all(axis=1)
+        mapped = cm.all(axis=1)
         chol[~mapped] = np.eye(n_g)
         return {"shift": shift, "chol": chol, "mapped": mapped}
 
