@@ -570,6 +570,7 @@ class BKTModel:
         self._prefix_keep = None  # sequences in the prefix layout, if not all
         self._fast = None
         self._collapse = None
+        self._modes0 = None
         pk = pe.packed
         cfg = self.config
         n_skill = len(pe.skills)
@@ -605,7 +606,6 @@ class BKTModel:
 
         self._whiten = None
         self._cweights = None
-        self._modes0 = None
         self._start_cov = None
         self.fit_info.pop("partially_centered", None)
         cm = None  # centred (True) or not, per skill and group
