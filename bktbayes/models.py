@@ -569,8 +569,13 @@ class BKTModel:
         self._prefix = None
         self._prefix_keep = None  # sequences in the prefix layout, if not all
         self._fast = None
+        # Per-build state, reset before anything of this build reads it
+        # (the collapse plan reads the start, which reads the weights).
         self._collapse = None
         self._modes0 = None
+        self._whiten = None
+        self._cweights = None
+        self._start_cov = None
         pk = pe.packed
         cfg = self.config
         n_skill = len(pe.skills)
@@ -604,9 +609,6 @@ class BKTModel:
                 for s, v in zip(self._collapse["skills"], self._collapse["valley"], strict=True)
             }
 
-        self._whiten = None
-        self._cweights = None
-        self._start_cov = None
         self.fit_info.pop("partially_centered", None)
         cm = None  # centred (True) or not, per skill and group
         if cfg.pooling == "hierarchical":

@@ -489,6 +489,14 @@ def test_partial_centering_is_only_a_reparametrisation(sim, monkeypatch):
     start = mw._initial_points(mw._fast_estimate_cached())["skill_raw"]
     tr = modw.rvs_to_transforms[modw["skill_raw"]]
     np.testing.assert_allclose(tr.forward(start).eval(), 0.0, atol=1e-12)
+    # Building again, on other data, starts afresh (a refit of the same
+    # object once read the previous build's weights).
+    sub2 = df[df["user_id"] < 45]
+    fresh = BKTModel(partial_centering=True)
+    again, ref = mw.build_model(sub2), fresh.build_model(sub2)
+    np.testing.assert_array_equal(mw._cweights, fresh._cweights)
+    p2 = ref.initial_point()
+    assert again.compile_logp()(p2) == ref.compile_logp()(p2)
 
 
 @pytest.mark.parametrize(
