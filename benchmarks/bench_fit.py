@@ -81,7 +81,8 @@ def report(label: str, m: BKTModel, wall: float) -> None:
     )
     for skill, j in fi.get("collapsed", {}).items():
         print(
-            f"  collapsed {skill!r} ({j.get('modes')} modes, valley {j['valley']:.1f} nats): "
+            f"  collapsed {skill!r} ({j.get('reason')}; {j.get('modes')} modes, valley "
+            f"{j['valley']:.1f} nats; {j.get('nodes')} nodes): "
             f"share of draws per mode {np.round(j.get('share_of_draws', []), 4).tolist()}; "
             f"Metropolis acceptance {j.get('accept', float('nan')):.2f}"
         )

@@ -572,6 +572,12 @@ def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float
             f"the draws (valley {minor['valley'].max():.1f} nats; {how}; "
             "bktbayes.BKTModel.skill_modes)"
         )
+    few = [s for s, j in collapsed.items() if j.get("reason") == "few long sequences"]
+    if few:
+        print(
+            f"   collapsed for few long sequences (fewer than 15 students, 200+ responses; "
+            f"drawn given the population): {', '.join(repr(s) for s in few)}"
+        )
     model.save(outdir / "fit")
     try:
         table = model.export_params(n_draws=100)

@@ -27,6 +27,7 @@ from pytensor.link.numba.dispatch import basic as numba_basic
 from pytensor.link.numba.dispatch.basic import register_funcify_default_op_cache_key
 
 from . import likelihood as likelihood_module
+from . import modes as modes_module
 from .likelihood import (
     LIKELIHOOD_BLOCK_SIZE,
     forward_logp_grad,
@@ -35,14 +36,17 @@ from .likelihood import (
     skill_total_logp_grad,
     student_total_logp_grad,
 )
+from .modes import collapsed_logp_grad
 from .packing import Packed, PrefixLayout
 
 __all__ = [
+    "BKTCollapsedLogLik",
     "BKTItemLogLik",
     "BKTLogLik",
     "BKTPrefixLogLik",
     "BKTSkillLogLik",
     "BKTStudentLogLik",
+    "bkt_collapsed_loglik",
     "bkt_item_loglik",
     "bkt_loglik",
     "bkt_prefix_loglik",
@@ -62,7 +66,7 @@ def _source_salt() -> int:
     an edited kernel could keep running its old compiled code.
     """
     h = hashlib.sha256()
-    for path in (likelihood_module.__file__, __file__):
+    for path in (likelihood_module.__file__, modes_module.__file__, __file__):
         h.update(Path(path).read_bytes())
     return int.from_bytes(h.digest()[:6], "big")
 
@@ -788,3 +792,88 @@ def scan_loglik(correct_padded, mask, p_init, p_transit, p_guess, p_slip, p_forg
         return_updates=False,
     )
     return outs[2][-1]
+
+
+class BKTCollapsedLogLik(Op):
+    """Collapsed skills' likelihood, their logits integrated out
+    (:func:`bktbayes.modes.collapsed_logp_grad`), as a function of the
+    population.
+
+    Inputs: ``nodes_t`` (n_par, n_nodes), ``c`` (n_nodes,) and ``start``
+    (int64, n_skills + 1) are data; ``mean`` and ``sd`` (n_par,) the
+    population means and scales of the logits. Outputs: the total (0-d) and
+    its gradient (2, n_par), rows for ``mean`` and ``sd``.
+    """
+
+    __props__ = ()
+
+    def make_node(self, nodes_t, c, start, mean, sd):
+        data = [pt.as_tensor_variable(nodes_t), pt.as_tensor_variable(c)]
+        data.append(pt.as_tensor_variable(start))
+        params = [pt.as_tensor_variable(x).astype("float64") for x in (mean, sd)]
+        if data[0].ndim != 2 or data[1].ndim != 1 or data[2].ndim != 1:
+            raise TypeError("BKTCollapsedLogLik: nodes_t must be a matrix, c and start vectors")
+        for x in params:
+            if x.ndim != 1:
+                raise TypeError(f"BKTCollapsedLogLik: mean and sd must be vectors, got {x.type}")
+        return Apply(self, [*data, *params], [pt.dscalar("logp"), pt.dmatrix("grad")])
+
+    def connection_pattern(self, node):
+        return [[False, False]] * 3 + [[True, True]] * 2
+
+    def pullback(self, inputs, outputs, cotangents):
+        g_value, g_grad = cotangents
+        data = [disconnected_type() for _ in range(3)]
+        if not isinstance(g_grad.type, DisconnectedType):
+            return data + [grad_not_implemented(self, i, inputs[i]) for i in (3, 4)]
+        if isinstance(g_value.type, DisconnectedType):
+            return [disconnected_type() for _ in inputs]
+        grad = outputs[1]
+        return [*data, g_value * grad[0], g_value * grad[1]]
+
+    def perform(self, node, inputs, output_storage):
+        nodes_t, c, start, mean, sd = (np.ascontiguousarray(x) for x in inputs)
+        grad = np.empty((2, mean.shape[0]))
+        total = collapsed_logp_grad(
+            nodes_t.astype(np.float64),
+            c.astype(np.float64),
+            start.astype(np.int64),
+            mean.astype(np.float64),
+            sd.astype(np.float64),
+            grad,
+        )
+        output_storage[0][0] = np.asarray(total)
+        output_storage[1][0] = grad
+
+    def infer_shape(self, node, shapes):
+        return [(), (2, shapes[3][0])]
+
+
+@register_funcify_default_op_cache_key(BKTCollapsedLogLik)
+def _numba_funcify_bkt_collapsed_loglik(op, node=None, **kwargs):
+    @numba_basic.numba_njit
+    def bkt_collapsed_loglik(nodes_t, c, start, mean, sd):
+        a = np.ascontiguousarray
+        grad = np.empty((2, mean.shape[0]))
+        total = collapsed_logp_grad(a(nodes_t), a(c), a(start), a(mean), a(sd), grad)
+        return np.asarray(total), grad
+
+    return bkt_collapsed_loglik, _CACHE_VERSION
+
+
+def bkt_collapsed_loglik(nodes: list[np.ndarray], c: list[np.ndarray], mean, sd):
+    """Collapsed skills' total log-likelihood (a PyTensor scalar).
+
+    Parameters
+    ----------
+    nodes : list of float64 arrays, shape (n_nodes_k, n_par)
+        Each collapsed skill's importance-sampling nodes (logits).
+    c : list of float64 arrays, shape (n_nodes_k,)
+        Their log-likelihood minus log proposal density.
+    mean, sd : PyTensor vectors, shape (n_par,)
+        Population means and scales of the logits.
+    """
+    start = np.concatenate([[0], np.cumsum([len(x) for x in c])]).astype(np.int64)
+    nodes_t = np.ascontiguousarray(np.concatenate(nodes, axis=0).T, dtype=np.float64)
+    cc = np.concatenate(c).astype(np.float64)
+    return BKTCollapsedLogLik()(nodes_t, cc, start, mean, sd)[0]

@@ -405,13 +405,27 @@ def test_a_fit_collapses_volume_sphere_and_keeps_its_draws_consistent(volume_sph
         BUNDLED / "assistments2009.parquet"
     )
     idata = m.fit(df, draws=60, tune=60, chains=2, random_seed=4, progressbar=False, warn=False)
-    assert list(m.fit_info["collapsed"]) == ["Volume Sphere"]
+    # Volume Sphere for its second mode; the two skills with fewer than 15
+    # sequences and at least 200 responses (collapse_sparse).
+    assert sorted(m.fit_info["collapsed"]) == [
+        "Angles - Obtuse, Acute, and Right",
+        "Polynomial Factors",
+        "Volume Sphere",
+    ]
     info = m.fit_info["collapsed"]["Volume Sphere"]
+    assert info["reason"] == "multimodal" and info["valley"] >= 2.0
     assert info["modes"] == 2 and 0 < info["accept"] < 1
+    for s in ("Angles - Obtuse, Acute, and Right", "Polynomial Factors"):
+        info = m.fit_info["collapsed"][s]
+        assert info["reason"] == "few long sequences" and 0 < info["accept"] < 1
+        n_seq = int((df["skill"] == s).groupby(df["user_id"]).any().sum())
+        assert n_seq < 15 and int((df["skill"] == s).sum()) >= 200
+    for s in m.fit_info["collapsed"]:
+        post = idata["posterior"].sel(skill=s)
+        for g in ("init", "transit", "guess", "slip"):
+            raw = (post[f"{g}_logit"] - post[f"mu_{g}"]) / post[f"sigma_{g}"]
+            np.testing.assert_allclose(post[f"{g}_raw"], raw, rtol=1e-10, atol=1e-10)
     post = idata["posterior"].sel(skill="Volume Sphere")
-    for g in ("init", "transit", "guess", "slip"):
-        raw = (post[f"{g}_logit"] - post[f"mu_{g}"]) / post[f"sigma_{g}"]
-        np.testing.assert_allclose(post[f"{g}_raw"], raw, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(post["p_transit"], 1 / (1 + np.exp(-post["transit_logit"])))
     # Its sequences' pointwise log-likelihood, summed, for a few draws.
     ll = idata["log_likelihood"]["loglik"]
@@ -449,3 +463,41 @@ def test_skill_responses_and_nearest_mode():
     modes = np.array([[0.0, 0.0], [3.0, 0.0]])
     covs = np.array([np.eye(2) * 0.01, np.eye(2) * 25.0])
     assert list(nearest_mode(np.array([[0.05, 0.0], [1.0, 0.0]]), modes, covs)) == [0, 1]
+
+
+@pytest.mark.slow
+def test_collapse_plan_nodes_against_a_large_importance_sample(volume_sphere):
+    """Every collapsed skill of the bundled build keeps just enough nodes for
+    1,000 effective ones at the starting population; its fixed-node marginal
+    likelihood agrees with an independent importance sample 20 times larger
+    (other nodes, same proposal family) there and a population sd away."""
+    from bktbayes.models import COLLAPSE_EFFECTIVE_NODES
+    from bktbayes.modes import collapse_nodes
+
+    m = volume_sphere["m"]
+    plan = m._collapse
+    start = m._start_modes()
+    mu0, sd0 = start["prior_mean"], start["prior_sd"]
+    assert len(plan["skills"]) == 3
+
+    def est(nodes, c, mu, sd):
+        z = (nodes - mu) / sd
+        lw = c - 0.5 * (z**2).sum(axis=1) - np.log(sd).sum() - 2 * np.log(2 * np.pi)
+        return np.logaddexp.reduce(lw) - np.log(len(c))
+
+    for q, s in enumerate(plan["skills"]):
+        nodes, c = plan["nodes"][q], plan["c"][q]
+        y, lens = plan["data"][q]
+        z = (nodes - mu0) / sd0
+        lw = c - 0.5 * (z**2).sum(axis=1)
+        w = np.exp(lw - lw.max())
+        ess = w.sum() ** 2 / (w**2).sum()
+        assert 0.9 * COLLAPSE_EFFECTIVE_NODES <= ess or len(c) == 4000, (s, ess, len(c))
+        big_nodes, big_c = collapse_nodes(
+            y, lens, plan["modes"][q], plan["covs"][q], gs_mode=0, n_nodes=80_000, seed=99
+        )
+        for shift in (0.0, 0.3, -0.3):
+            mu, sd = mu0 + shift * sd0, sd0 * (1 + shift)
+            # ~1,000 effective nodes: a relative error of ~3% in the
+            # integral (hundredths of a nat); 20x more for the reference.
+            assert abs(est(nodes, c, mu, sd) - est(big_nodes, big_c, mu, sd)) < 0.1, (s, shift)

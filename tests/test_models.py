@@ -277,11 +277,15 @@ def test_save_and_load(fitted, tmp_path):
     meta_path.write_text(json.dumps(meta))
     assert BKTModel.load(path).config.guess_slip == "ordered_guess_first"
     # A folder written before partial centring holds the binary rule's draws.
-    assert back.config.partial_centering
+    # ... and one written before collapse_sparse, draws with those skills
+    # sampled by NUTS.
+    assert back.config.partial_centering and back.config.collapse_sparse
     del meta["config"]["partial_centering"]
+    del meta["config"]["collapse_sparse"]
     meta["format_version"] = 2
     meta_path.write_text(json.dumps(meta))
-    assert not BKTModel.load(path).config.partial_centering
+    old = BKTModel.load(path).config
+    assert not old.partial_centering and not old.collapse_sparse
     meta["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version"):
