@@ -158,7 +158,9 @@ COLLAPSE_MAX_DROP = 12.0
 #: "Few long sequences").
 COLLAPSE_MAX_SEQUENCES = 15
 #: ... and with at least this many responses: below it a skill's posterior
-#: is mostly its prior given the population, which NUTS samples well.
+#: is mostly its prior given the population, which NUTS samples well (the
+#: bundled data's ten such skills: largest logit R-hat 1.0032-1.0081 over
+#: seven fits).
 COLLAPSE_MIN_RESPONSES = 200
 #: A collapsed skill keeps as many of its 4,000 importance-sampling nodes
 #: as give this many effective nodes (Kish's n_eff of the weights) at the
