@@ -1067,49 +1067,40 @@ class BKTModel:
         if init == "fast_estimate":
             pts = self._initial_points(self._fast_estimate_cached())
         t0 = time.perf_counter()
-        import pytensor
+        if sampler == "nutpie":
+            import nutpie
 
-        # PyTensor compiles the model's numba functions with fast-math by
-        # default. nutpie links them into its callback, where a freshly
-        # compiled graph is inlined and re-optimised but one loaded from
-        # PyTensor's cache is not: with fast-math the two round differently,
-        # and the same seed gave different draws on a cold and a warm cache
-        # (tests/test_models.py::test_same_seed_same_draws_cold_or_warm_cache).
-        with pytensor.config.change_flags(numba__fastmath=False):
-            if sampler == "nutpie":
-                import nutpie
+            # nutpie jitters every start value by U(-1, 1) on the unconstrained
+            # scale around the fast estimate. (Restricting the jitter to some
+            # variables made nutpie 0.16 reject every initial point here.)
+            compiled = nutpie.compile_pymc_model(model, initial_points=pts)
+            t1 = time.perf_counter()
+            idata = nutpie.sample(
+                compiled,
+                draws=draws,
+                tune=tune,
+                chains=chains,
+                seed=random_seed,
+                progress_bar=progressbar,
+                adaptation=adaptation,
+            )
+        elif sampler == "pymc":
+            import pymc as pm
 
-                # nutpie jitters every start value by U(-1, 1) on the unconstrained
-                # scale around the fast estimate. (Restricting the jitter to some
-                # variables made nutpie 0.16 reject every initial point here.)
-                compiled = nutpie.compile_pymc_model(model, initial_points=pts)
-                t1 = time.perf_counter()
-                idata = nutpie.sample(
-                    compiled,
+            t1 = time.perf_counter()
+            with model:
+                idata = pm.sample(
                     draws=draws,
                     tune=tune,
                     chains=chains,
-                    seed=random_seed,
-                    progress_bar=progressbar,
-                    adaptation=adaptation,
+                    random_seed=random_seed,
+                    progressbar=progressbar,
+                    initvals=pts,
+                    nuts_sampler="pymc",
+                    compute_convergence_checks=False,
                 )
-            elif sampler == "pymc":
-                import pymc as pm
-
-                t1 = time.perf_counter()
-                with model:
-                    idata = pm.sample(
-                        draws=draws,
-                        tune=tune,
-                        chains=chains,
-                        random_seed=random_seed,
-                        progressbar=progressbar,
-                        initvals=pts,
-                        nuts_sampler="pymc",
-                        compute_convergence_checks=False,
-                    )
-            else:
-                raise ValueError(f"sampler must be 'nutpie' or 'pymc', got {sampler!r}")
+        else:
+            raise ValueError(f"sampler must be 'nutpie' or 'pymc', got {sampler!r}")
         t2 = time.perf_counter()
         if self._collapse is not None and self._collapse["skills"].size:
             idata = self._draw_collapsed(idata, random_seed)

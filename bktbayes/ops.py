@@ -66,8 +66,6 @@ def _source_salt() -> int:
     an edited kernel could keep running its old compiled code.
     """
     h = hashlib.sha256()
-    # Graphs cached while fits compiled with fast-math must not be reused.
-    h.update(b"models compiled with numba__fastmath=False")
     for path in (likelihood_module.__file__, modes_module.__file__, __file__):
         h.update(Path(path).read_bytes())
     return int.from_bytes(h.digest()[:6], "big")
