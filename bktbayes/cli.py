@@ -537,7 +537,7 @@ def _demo_serve(table: ParamTable, outdir: Path) -> None:
 def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float) -> None:
 
     from .export import ExportError
-    from .models import BKTModel
+    from .models import COLLAPSE_MAX_SEQUENCES, COLLAPSE_MIN_RESPONSES, BKTModel
     from .plots import plot_forest, plot_mastery_trajectory
     from .tracing import replay
 
@@ -575,8 +575,9 @@ def _demo_fit(args: argparse.Namespace, events, outdir: Path, auc_default: float
     few = [s for s, j in collapsed.items() if j.get("reason") == "few long sequences"]
     if few:
         print(
-            f"   collapsed for few long sequences (fewer than 15 students, 200+ responses; "
-            f"drawn given the population): {', '.join(repr(s) for s in few)}"
+            f"   collapsed for few long sequences (fewer than {COLLAPSE_MAX_SEQUENCES} "
+            f"students, {COLLAPSE_MIN_RESPONSES}+ responses; drawn given the population): "
+            f"{', '.join(repr(s) for s in few)}"
         )
     model.save(outdir / "fit")
     try:
