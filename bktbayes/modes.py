@@ -412,7 +412,8 @@ def exp_nonpositive(x, out, scratch):
     libm's ``exp`` is a call LLVM cannot vectorise (~9 ns each here); this is
     fdlibm's algorithm with the power of two built from bit fields, which
     vectorises (~2 ns per element) and is within 1 ulp. Values below -700
-    (``exp`` < 1e-304) give 0; ``x`` must not be positive or nan.
+    (``exp`` < 1e-304) give 0 and nan gives nan (a failed likelihood then
+    shows as a non-finite total); ``x`` must not be positive.
 
     Parameters
     ----------

@@ -345,6 +345,8 @@ def test_exp_nonpositive_is_libm_exp_to_one_ulp():
     # Below -700 (exp < 1e-304, nothing beside a weight of order 1) it is 0.
     far = exp_nonpositive(np.array([-700.5, -745.2, -1e300, -np.inf]), np.empty(4), np.empty(4))
     np.testing.assert_array_equal(far, 0.0)
+    # nan stays nan: a node whose likelihood failed is not silently weighted 0.
+    assert np.isnan(exp_nonpositive(np.array([np.nan]), np.empty(1), np.empty(1))[0])
 
 
 def test_collapsed_kernel_against_logsumexp_and_finite_differences(collapsed_nodes):
