@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import pytensor
 
-from bktbayes.models import BKTModel
+from bktbayes.models import BKTModel, compile_flags
 
 
 def make_events(n_target: int, n_skills: int = 20, seed: int = 0) -> pd.DataFrame:
@@ -70,7 +70,8 @@ def compiled_logp_dlogp(model, mode: str):
     logp = model.logp()
     vars_ = model.value_vars
     grads = pytensor.grad(logp, vars_)
-    f = pytensor.function(vars_, [logp, *grads], mode=mode, on_unused_input="ignore")
+    with compile_flags():  # as BKTModel.fit compiles (numba fast-math off)
+        f = pytensor.function(vars_, [logp, *grads], mode=mode, on_unused_input="ignore")
     ip = model.initial_point(0)
     args = [ip[v.name] for v in vars_]
     return f, args

@@ -81,7 +81,14 @@ to its ``raw``. Every skill then starts at that mode and is whitened by that
 Laplace covariance. It applies when every group's population scale is well
 determined (:data:`PARTIAL_MAX_SD_LOG_SIGMA`, at least 13 skills) and some
 weight is strictly partial; otherwise the binary rule's model is built
-unchanged.
+unchanged, and where some group's scale is that poorly determined NUTS
+adapts its step size to a target acceptance of 0.9 instead of 0.8
+(:data:`TARGET_ACCEPT_UNCERTAIN_SCALE`: with few skills the posterior spans
+a wide range of sigma, and centred skills' wall in log sigma comes within
+the trajectories' reach).
+
+Fits compile the model with PyTensor's numba fast-math off, so that one seed
+gives the same draws whether or not PyTensor's compile cache holds the model.
 """
 
 from __future__ import annotations
@@ -184,6 +191,50 @@ CENTERED_MIN_ITEM_OBS = 200
 #: ... and with item effects, a skill's guess and slip are centred only if it
 #: has at least this many modelled items.
 CENTERED_MIN_ITEMS = 20
+
+
+#: NUTS's target acceptance rate (nutpie's and PyMC's default), which sets
+#: the step size its adaptation settles on ...
+TARGET_ACCEPT = 0.8
+#: ... raised to this where some group's population scale is poorly
+#: determined (sd of log sigma above :data:`PARTIAL_MAX_SD_LOG_SIGMA`, always
+#: so with at most 12 skills). Its posterior then spans a wide range of
+#: sigma, over which the skills' geometry changes: each centred skill adds
+#: ``-log sigma - (x - mu)^2 / (2 sigma^2)``, a wall in log sigma whose
+#: curvature grows as ``1 / sigma^2`` (8 skills: 4.5 times the mode's 3 sd
+#: down), and trajectories run at the bulk's step size diverge there. On the
+#: tests' recovery simulation (8 skills x 250 students, every skill centred,
+#: 4 x (500 + 1,000), seeds 1-11) 4 of 22 fits had one divergence at 0.8,
+#: each below ``sigma_init``'s 1% quantile; at 0.9, 0 of 11 (10.5 leapfrog
+#: steps per draw instead of about 7, bulk ESS 2,000-3,000). The bundled
+#: data (0.08) keep 0.8.
+TARGET_ACCEPT_UNCERTAIN_SCALE = 0.9
+
+
+def _sd_log_sigma(kappa: np.ndarray) -> np.ndarray:
+    """Posterior sd of each group's log population scale implied by the
+    skills' ``kappa`` (skill x group): in the normal model each skill
+    carries Fisher information ``2 kappa^2`` about log sigma. Shape (group,)."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.sqrt(2.0 * (np.asarray(kappa, float) ** 2).sum(axis=0))
+
+
+def compile_flags():
+    """The PyTensor configuration :meth:`BKTModel.fit` compiles the model
+    under (a context manager): numba fast-math off.
+
+    PyTensor compiles numba functions with fast-math by default. nutpie
+    links the model's into its callback, where a freshly compiled graph is
+    inlined and re-optimised but one loaded from PyTensor's cache is not:
+    with fast-math the two rounded differently, and one seed gave different
+    draws on a cold and a warm cache
+    (``test_same_seed_same_draws_cold_or_warm_cache``). Compiling afresh
+    every time instead would cost 35 s against 7-12 s on the bundled data;
+    strict arithmetic costs about 1.6% per gradient.
+    """
+    import pytensor
+
+    return pytensor.config.change_flags(numba__fastmath=False)
 
 
 def _logit(p: float) -> float:
@@ -462,6 +513,7 @@ class BKTModel:
         self._cweights: np.ndarray | None = None
         self._modes0: dict | None = None  # skills' modes given the starting population
         self._start_cov: np.ndarray | None = None  # Laplace covariances there (partial centring)
+        self._target_accept = TARGET_ACCEPT  # NUTS's, as build_model chose it
         self._prefix_keep: np.ndarray | None = None
         self._fast = None  # the fast estimate of the packed data (build_model)
         self.diagnostics: dict[str, Any] | None = None
@@ -666,6 +718,17 @@ class BKTModel:
                 self.fit_info["partially_centered"] = {
                     g: int(part[:, i].sum()) for i, g in enumerate(cfg.groups)
                 }
+        self._target_accept = TARGET_ACCEPT
+        if cm is not None:
+            if per_skill_kernel:
+                pts0 = self._initial_points(self._fast_estimate_cached())
+                sd_ls = _sd_log_sigma(self._start_kappa(pts0)[0])
+            else:
+                # No per-skill modes here: the bound of skills whose data fix
+                # their logits (kappa = 1).
+                sd_ls = _sd_log_sigma(np.ones(cm.shape))
+            if (sd_ls > PARTIAL_MAX_SD_LOG_SIGMA).any():
+                self._target_accept = TARGET_ACCEPT_UNCERTAIN_SCALE
         if cfg.whiten_skills and per_skill_kernel:
             wts = cm.astype(float) if self._cweights is None else self._cweights
             self._whiten = self._whitening(self._initial_points(self._fast_estimate_cached()), wts)
@@ -1027,6 +1090,7 @@ class BKTModel:
         init: Literal["fast_estimate", "default"] = "fast_estimate",
         warn: bool = True,
         adaptation: str = "diag",
+        target_accept: float | None = None,
     ):
         """Sample the posterior with NUTS.
 
@@ -1050,6 +1114,12 @@ class BKTModel:
         adaptation : str
             nutpie's mass-matrix adaptation (``"diag"``; ``"low_rank"`` did not
             help on the bundled data).
+        target_accept : float, optional
+            NUTS's target acceptance rate. By default
+            :data:`TARGET_ACCEPT` (0.8), or
+            :data:`TARGET_ACCEPT_UNCERTAIN_SCALE` (0.9) where some group's
+            population scale is poorly determined (few skills); recorded in
+            ``fit_info["target_accept"]``.
 
         Returns
         -------
@@ -1060,47 +1130,55 @@ class BKTModel:
         """
         import time
 
+        if target_accept is not None and not 0.0 < target_accept < 1.0:
+            raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
         tb = time.perf_counter()
         model = self.build_model(events)
         ti = time.perf_counter()
         pts = None
         if init == "fast_estimate":
             pts = self._initial_points(self._fast_estimate_cached())
+        if target_accept is None:
+            target_accept = self._target_accept
         t0 = time.perf_counter()
-        if sampler == "nutpie":
-            import nutpie
+        with compile_flags():
+            if sampler == "nutpie":
+                import nutpie
 
-            # nutpie jitters every start value by U(-1, 1) on the unconstrained
-            # scale around the fast estimate. (Restricting the jitter to some
-            # variables made nutpie 0.16 reject every initial point here.)
-            compiled = nutpie.compile_pymc_model(model, initial_points=pts)
-            t1 = time.perf_counter()
-            idata = nutpie.sample(
-                compiled,
-                draws=draws,
-                tune=tune,
-                chains=chains,
-                seed=random_seed,
-                progress_bar=progressbar,
-                adaptation=adaptation,
-            )
-        elif sampler == "pymc":
-            import pymc as pm
-
-            t1 = time.perf_counter()
-            with model:
-                idata = pm.sample(
+                # nutpie jitters every start value by U(-1, 1) on the
+                # unconstrained scale around the fast estimate. (Restricting
+                # the jitter to some variables made nutpie 0.16 reject every
+                # initial point here.)
+                compiled = nutpie.compile_pymc_model(model, initial_points=pts)
+                t1 = time.perf_counter()
+                idata = nutpie.sample(
+                    compiled,
                     draws=draws,
                     tune=tune,
                     chains=chains,
-                    random_seed=random_seed,
-                    progressbar=progressbar,
-                    initvals=pts,
-                    nuts_sampler="pymc",
-                    compute_convergence_checks=False,
+                    seed=random_seed,
+                    progress_bar=progressbar,
+                    adaptation=adaptation,
+                    target_accept=target_accept,
                 )
-        else:
-            raise ValueError(f"sampler must be 'nutpie' or 'pymc', got {sampler!r}")
+            elif sampler == "pymc":
+                import pymc as pm
+
+                t1 = time.perf_counter()
+                with model:
+                    idata = pm.sample(
+                        draws=draws,
+                        tune=tune,
+                        chains=chains,
+                        random_seed=random_seed,
+                        progressbar=progressbar,
+                        initvals=pts,
+                        nuts_sampler="pymc",
+                        target_accept=target_accept,
+                        compute_convergence_checks=False,
+                    )
+            else:
+                raise ValueError(f"sampler must be 'nutpie' or 'pymc', got {sampler!r}")
         t2 = time.perf_counter()
         if self._collapse is not None and self._collapse["skills"].size:
             idata = self._draw_collapsed(idata, random_seed)
@@ -1111,6 +1189,7 @@ class BKTModel:
             tune=tune,
             chains=chains,
             random_seed=random_seed,
+            target_accept=target_accept,
             compile_seconds=t1 - t0,
             sampling_seconds=t2 - t1,
         )
@@ -1504,17 +1583,8 @@ class BKTModel:
         groups = self.config.groups
         n_g = len(groups)
         sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
-        found = self._start_modes()
-        cov = np.array(found["cov"][:, 0], dtype=float)
-        prior_only = ~np.isfinite(cov).all(axis=(1, 2))
-        if self._collapse is not None:
-            prior_only |= self._collapse["mask"]
-        cov[prior_only] = np.diag(sd0**2)
-        v = np.diagonal(cov, axis1=1, axis2=2)
-        kappa = np.clip(1.0 - v / sd0**2, 0.0, 1.0)
-        # In the normal model each skill carries Fisher information
-        # 2 kappa^2 about log sigma.
-        if (1.0 / np.sqrt(2.0 * (kappa**2).sum(axis=0))).max() > PARTIAL_MAX_SD_LOG_SIGMA:
+        kappa, cov, prior_only = self._start_kappa(pts)
+        if _sd_log_sigma(kappa).max() > PARTIAL_MAX_SD_LOG_SIGMA:
             return None
         # w sigma^(1 - w) runs from 0 to 1 on [0, 1]: bisection for the root.
         lo, hi = np.zeros_like(kappa), np.ones_like(kappa)
@@ -1527,6 +1597,23 @@ class BKTModel:
         if not ((w > 0.0) & (w < 1.0)).any():
             return None  # nothing partial: the binary rule's model as it is
         return w.reshape(-1, n_g), cov
+
+    def _start_kappa(self, pts: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Share of each skill's prior variance its data remove, ``kappa =
+        1 - v / sigma^2`` (skill x group; ``v`` the Laplace variance at its
+        mode given the starting population ``pts``, clipped to [0, 1]), with
+        those Laplace covariances (skill x group x group; the prior's where
+        the skill's likelihood is integrated out or has no finite Hessian)
+        and a mask of those prior-only skills."""
+        groups = self.config.groups
+        sd0 = np.array([float(pts[f"sigma_{g}"]) for g in groups])
+        cov = np.array(self._start_modes()["cov"][:, 0], dtype=float)
+        prior_only = ~np.isfinite(cov).all(axis=(1, 2))
+        if self._collapse is not None:
+            prior_only |= self._collapse["mask"]
+        cov[prior_only] = np.diag(sd0**2)
+        v = np.diagonal(cov, axis1=1, axis2=2)
+        return np.clip(1.0 - v / sd0**2, 0.0, 1.0), cov, prior_only
 
     def _whitening(self, pts: dict, wts: np.ndarray) -> dict[str, np.ndarray]:
         """The per-skill affine map of ``whiten_skills``: at the start

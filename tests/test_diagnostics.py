@@ -405,6 +405,8 @@ def test_a_fit_collapses_volume_sphere_and_keeps_its_draws_consistent(volume_sph
         BUNDLED / "assistments2009.parquet"
     )
     idata = m.fit(df, draws=60, tune=60, chains=2, random_seed=4, progressbar=False, warn=False)
+    # 110 skills determine every population scale: the default step-size target.
+    assert m.fit_info["target_accept"] == 0.8
     # Volume Sphere for its second mode; the two skills with fewer than 15
     # sequences and at least 200 responses (collapse_sparse).
     assert sorted(m.fit_info["collapsed"]) == [
